@@ -1,0 +1,1 @@
+"""Thin V3 node glue: the only place that imports ComfyUI (comfy.*, folder_paths, server)."""

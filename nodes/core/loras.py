@@ -3,6 +3,7 @@
 Pure: works on the list of relative names the host reports (`folder_paths.get_filename_list("loras")`) and never
 touches the filesystem, so the node and the route only fetch the list, call these functions and use the answer.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -35,6 +36,10 @@ class LoraResolutionError(ValueError):
     def __init__(self, message: str, candidates: Sequence[str] = ()):
         super().__init__(message)
         self.candidates = tuple(candidates)
+
+
+class LoraAmbiguousError(LoraResolutionError):
+    """Several files answer to the name; `.candidates` lists them."""
 
 
 class LoraNotFoundError(LoraResolutionError):
@@ -162,12 +167,12 @@ def resolve(
         filename = _resolve_alias_target(tag_name, target, available, where)
         return Resolution(tag_name, filename, "alias", alias_target=target)
     try:
-        filename, method = _lookup(tag_name, available)
+        filename, method = _lookup(tag_name, available, alias_file)
     except LoraNotFoundError as missing:
         if tag_name.isdigit():
             raise LoraNotFoundError(
                 f"LoRA {tag_name} is an Astria tune id: download its .safetensors from Astria, put it in the loras "
-                f"folder and add an alias to {alias_file}, e.g. \"{tag_name}\": \"astria/{tag_name}.safetensors\".",
+                f'folder and add an alias to {alias_file}, e.g. "{tag_name}": "astria/{tag_name}.safetensors".',
                 missing.candidates,
             ) from None
         raise
@@ -180,19 +185,25 @@ def _resolve_alias_target(key: str, target: str, available: Sequence[str], where
         raise LoraResolutionError(f"Alias {key!r} in {where} must be a string (a relative lora path).")
     _refuse_unsafe(target, f"Alias {key!r} in {where} points at")
     try:
-        filename, _method = _lookup(target, available)
+        filename, _method = _lookup(target, available, where)
     except LoraNotFoundError as missing:
         raise LoraNotFoundError(
             f"Alias {key!r} in {where} points at {target!r}, which is not in the loras folder. "
             f"{_closest_sentence(missing.candidates, available)} Fix the path in the alias file.",
             missing.candidates,
         ) from None
+    except LoraAmbiguousError as error:
+        raise LoraAmbiguousError(
+            f"Alias {key!r} in {where} points at {target!r}, which matches several files: "
+            f"{', '.join(error.candidates)}. Write the full relative path of one of them in the alias.",
+            error.candidates,
+        ) from None
     except LoraResolutionError as error:
-        raise type(error)(f"Alias {key!r} in {where}: {error}", error.candidates) from None
+        raise LoraResolutionError(f"Alias {key!r} in {where}: {error}", error.candidates) from None
     return filename
 
 
-def _lookup(name: str, available: Sequence[str]) -> tuple[str, str]:
+def _lookup(name: str, available: Sequence[str], alias_file: str) -> tuple[str, str]:
     """(filename, method) for a name among the files, trying exact, case-insensitive, then stem; else raise."""
     usable = [f for f in available if unsafe_name_reason(f) is None]
     wanted = _normal(name)
@@ -204,10 +215,11 @@ def _lookup(name: str, available: Sequence[str]) -> tuple[str, str]:
     for method, matches in levels:
         candidates = [f for f in usable if matches(f)]
         if candidates:
-            return _pick(name, candidates), method
+            return _pick(name, candidates, alias_file), method
     closest = closest_names(name, usable)
-    raise LoraNotFoundError(f"LoRA {name!r} was not found in the loras folder. {_closest_sentence(closest, usable)}",
-                            closest)
+    raise LoraNotFoundError(
+        f"LoRA {name!r} was not found in the loras folder. {_closest_sentence(closest, usable)}", closest
+    )
 
 
 def _stem_matcher(wanted: str):
@@ -224,7 +236,7 @@ def _stem_matcher(wanted: str):
     return matches
 
 
-def _pick(name: str, candidates: list[str]) -> str:
+def _pick(name: str, candidates: list[str], alias_file: str) -> str:
     """The one candidate, preferring loadable files; raise when several remain or only pickles do."""
     if len(candidates) > 1 and any(_normal(c) == _normal(name) for c in candidates):
         candidates = [c for c in candidates if _normal(c) == _normal(name)]  # the full name, extension included
@@ -233,9 +245,9 @@ def _pick(name: str, candidates: list[str]) -> str:
         return loadable[0]
     if len(loadable) > 1:
         listed = ", ".join(sorted(loadable))
-        raise LoraResolutionError(
+        raise LoraAmbiguousError(
             f"LoRA {name!r} matches several files: {listed}. Pick one by writing its subfolder and extension in the "
-            f"tag, e.g. <lora:{_normal(sorted(loadable)[0])}:1>, or add an alias for {name!r} to the alias file.",
+            f"tag, e.g. <lora:{_normal(min(loadable))}:1>, or add an alias for {name!r} to {alias_file}.",
             sorted(loadable),
         )
     raise LoraResolutionError(_not_loadable_message(name, sorted(candidates)), sorted(candidates))
@@ -259,8 +271,10 @@ def closest_names(name: str, available: Sequence[str], count: int = CLOSEST_NAME
 
     def likeness(filename: str) -> float:
         path = _strip_extension(_normal(filename)).casefold()
-        return max(difflib.SequenceMatcher(None, key, path).ratio(),
-                   difflib.SequenceMatcher(None, key_base, _basename(path)).ratio())
+        return max(
+            difflib.SequenceMatcher(None, key, path).ratio(),
+            difflib.SequenceMatcher(None, key_base, _basename(path)).ratio(),
+        )
 
     return sorted(available, key=lambda f: (-likeness(f), f))[:count]
 
@@ -280,7 +294,7 @@ def default_alias_file_text() -> str:
         "_comment": (
             "LoRA aliases for ComfyUI-Astria. Each entry maps a name used in Astria prompts, <lora:NAME:weight>, "
             "to a file in ComfyUI's loras folder, written as its relative path with forward slashes, e.g. "
-            "\"more_details\": \"detail/add_detail.safetensors\". Numeric names are Astria tune ids: download the "
+            '"more_details": "detail/add_detail.safetensors". Numeric names are Astria tune ids: download the '
             "tune's .safetensors from Astria and map its id to it. Keys starting with _ are ignored; copy entries "
             "from _example to the top level to use them. JSON: double quotes, no trailing comma."
         ),
@@ -306,7 +320,7 @@ def parse_alias_file(text: str, path: str) -> AliasTable:
         ) from None
     if not isinstance(data, dict):
         raise AliasFileError(
-            f"The LoRA alias file {path} must hold one JSON object, {{\"name\": \"sub/file.safetensors\"}}, "
+            f'The LoRA alias file {path} must hold one JSON object, {{"name": "sub/file.safetensors"}}, '
             f"not a {type(data).__name__}."
         )
     key_lines = _top_level_key_lines(text, path)
@@ -318,7 +332,7 @@ def parse_alias_file(text: str, path: str) -> AliasTable:
         if not isinstance(value, str):
             raise AliasFileError(
                 f"Alias {key!r} in {where} must be a string, the relative path of a LoRA file "
-                f"(e.g. \"{key}\": \"detail/{key}.safetensors\"), not {json.dumps(value)}."
+                f'(e.g. "{key}": "detail/{key}.safetensors"), not {json.dumps(value)}.'
             )
         reason = unsafe_name_reason(value)
         if reason:

@@ -4,7 +4,9 @@ WEB_DIRECTORY = "./js"
 
 
 async def comfy_entrypoint():
-    """Return the pack's ComfyExtension; ComfyUI calls this once when it loads the pack."""
+    """Return the pack's ComfyExtension (and add its /astria routes); ComfyUI calls this once at load."""
+    from .nodes.comfy import routes
     from .nodes.comfy.extension import AstriaExtension
 
+    routes.register()
     return AstriaExtension()

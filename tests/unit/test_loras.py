@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from comfyui_astria.nodes.core.loras import (
     AliasFileError,
     LoraAmbiguousError,

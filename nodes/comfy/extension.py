@@ -1,0 +1,11 @@
+"""The pack's ComfyExtension: the one list of every node ComfyUI-Astria registers."""
+from ._api import ComfyExtension, io
+from .lora import LORA_NODES
+
+
+class AstriaExtension(ComfyExtension):
+    """Registers the Astria nodes (routes are added by comfy_entrypoint: 0.3.75 never calls on_load)."""
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        """Every node class of the pack, in menu order."""
+        return [*LORA_NODES]

@@ -1,0 +1,81 @@
+"""Host tier: a real ComfyUI 0.3.75 imported in this process, with the pack loaded through ComfyUI's own loader.
+
+Every test here is marked `host`. The `comfy_host` fixture (session-wide) prepares ComfyUI once: CPU mode, temp
+user/input/output/temp folders, the generated test models on the model paths, the built-in extra nodes and the
+pack loaded by `nodes.load_custom_node` from a folder holding only a link to this clone.
+"""
+import asyncio
+import logging
+import sys
+import types
+
+import pytest
+
+from comfyui_astria.tests.support import paths  # noqa: F401  (loaded through the pack alias)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "/tests/host/" in str(item.fspath):
+            item.add_marker(pytest.mark.host)
+
+
+@pytest.fixture(scope="session")
+def comfy_host(tmp_path_factory) -> types.SimpleNamespace:
+    """ComfyUI imported in-process with the pack loaded; returns handles tests need."""
+    comfy_dir = str(paths.COMFY_DIR)
+    if not (paths.COMFY_DIR / "main.py").is_file():
+        pytest.fail(f"no ComfyUI tree at {comfy_dir}: run ./scripts/test (it sets it up) or set COMFYUI_PATH")
+    if comfy_dir not in sys.path:
+        sys.path.insert(0, comfy_dir)
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    base = tmp_path_factory.mktemp("comfy_host")
+    import folder_paths
+
+    for name, setter in (("user", folder_paths.set_user_directory), ("input", folder_paths.set_input_directory),
+                         ("output", folder_paths.set_output_directory), ("temp", folder_paths.set_temp_directory)):
+        (base / name).mkdir()
+        setter(str(base / name))
+    import utils.extra_config
+
+    utils.extra_config.load_extra_path_config(str(paths.models_yaml(base / "extra_model_paths.yaml")))
+    import nodes
+
+    logging.getLogger().setLevel(logging.INFO)
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    before = set(nodes.NODE_CLASS_MAPPINGS)
+    pack_path = str(paths.pack_link_folder() / paths.PACK_FOLDER_NAME)
+    loaded = asyncio.run(nodes.load_custom_node(pack_path))
+    assert loaded, f"ComfyUI could not load the pack from {pack_path} (see the log above)"
+    ours = sorted(set(nodes.NODE_CLASS_MAPPINGS) - before)
+    return types.SimpleNamespace(nodes=nodes, folder_paths=folder_paths, base=base, pack_path=pack_path,
+                                 pack_module=sys.modules[pack_path.replace(".", "_x_")], our_node_ids=ours)
+
+
+@pytest.fixture(scope="session")
+def sd15(comfy_host):
+    """(model, clip, vae) of the tiny seeded SD1.5-layout checkpoint, loaded by CheckpointLoaderSimple."""
+    loader = comfy_host.nodes.CheckpointLoaderSimple()
+    return loader.load_checkpoint("tiny_sd15.safetensors")[:3]
+
+
+@pytest.fixture(scope="session")
+def sd15_pixel(comfy_host):
+    """(model, clip, vae) of the tiny checkpoint whose VAE is the exact 8x8 pixel VAE."""
+    loader = comfy_host.nodes.CheckpointLoaderSimple()
+    return loader.load_checkpoint("tiny_sd15_pixel.safetensors")[:3]
+
+
+def run_node(comfy_host, node_id, hidden=None, **inputs):
+    """Run one of the pack's V3 nodes the way ComfyUI's executor does; returns its outputs as a tuple."""
+    cls = comfy_host.nodes.NODE_CLASS_MAPPINGS[node_id]
+    clone = cls.PREPARE_CLASS_CLONE(hidden or {})
+    result = getattr(clone, clone.FUNCTION)(**inputs)
+    if asyncio.iscoroutine(result):
+        result = asyncio.run(result)
+    return tuple(result.result)

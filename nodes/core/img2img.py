@@ -1,0 +1,117 @@
+"""Only-upscale arithmetic: A1111's img2img sigma schedule, target sizes, padding to the model's grid, colour fix.
+
+Pure torch, no ComfyUI: the node feeds it the host's sigmas and images and gets tensors back.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+MAX_SIDE_PX = 16384
+MIN_SIDE_PX = 64
+COLOR_FIX_MODES = ("none", "wavelet", "adain")
+WAVELET_LEVELS = 5  # the blur radii double per level: 5 levels keep detail below ~32 px, colour above it
+
+
+def a1111_steps_to_run(steps: int, denoise: float) -> int:
+    """How many model steps A1111's img2img runs: t_enc + 1, with t_enc = int(min(denoise, 0.999) * steps); 0 at 0."""
+    if steps <= 0 or denoise <= 0:
+        return 0
+    return int(min(denoise, 0.999) * steps) + 1
+
+
+def a1111_sigma_schedule(full_sigmas: torch.Tensor, denoise: float) -> torch.Tensor:
+    """The tail of a `steps`-step schedule (steps + 1 sigmas) that A1111's img2img runs.
+
+    A1111 starts at index steps - t_enc - 1, so t_enc + 1 steps run (16 steps at 0.1 runs 2, 20 at 0.5 runs 11).
+    Denoise 0 gives an empty schedule: nothing runs (A1111 would still run one step at the smallest sigma).
+    """
+    steps = full_sigmas.shape[0] - 1
+    to_run = a1111_steps_to_run(steps, denoise)
+    if to_run == 0:
+        return full_sigmas[:0]
+    return full_sigmas[steps - to_run:]
+
+
+def target_size(width: int, height: int, scale: float, target_width: int = 0, target_height: int = 0) -> tuple[int, int]:
+    """Output (width, height): explicit sizes win; one given keeps the aspect ratio; else the input times scale."""
+    if target_width > 0 and target_height > 0:
+        out = (target_width, target_height)
+    elif target_width > 0:
+        out = (target_width, max(1, round(height * target_width / width)))
+    elif target_height > 0:
+        out = (max(1, round(width * target_height / height)), target_height)
+    else:
+        out = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if max(out) > MAX_SIDE_PX:
+        raise ValueError(f"the target {out[0]}x{out[1]} px is over the {MAX_SIDE_PX} px limit per side: "
+                         f"lower the scale or the target width/height")
+    return out
+
+
+def check_input_size(width: int, height: int) -> None:
+    """Refuse images too small to upscale meaningfully, with the fix."""
+    if min(width, height) < MIN_SIDE_PX:
+        raise ValueError(f"the input image is {width}x{height} px; the only-upscale needs at least {MIN_SIDE_PX} px "
+                         f"per side (upscale it first, e.g. with an Upscale Image node)")
+
+
+def pad_to_multiple(image: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Reflect-pad a (B, H, W, C) image on the bottom/right to a multiple; returns it and the original (H, W)."""
+    height, width = image.shape[1], image.shape[2]
+    pad_h, pad_w = (-height) % multiple, (-width) % multiple
+    if pad_h == 0 and pad_w == 0:
+        return image, (height, width)
+    channels_first = image.movedim(-1, 1)
+    # reflect needs pad < size; replicate covers the (tiny) rest
+    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+    padded = F.pad(channels_first, (0, pad_w, 0, pad_h), mode=mode)
+    return padded.movedim(1, -1), (height, width)
+
+
+def crop_to(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Crop a (B, H, W, C) image back to (H, W) from the top left."""
+    return image[:, : size[0], : size[1], :]
+
+
+def _blur(image: torch.Tensor, radius: int) -> torch.Tensor:
+    """A separable [1, 2, 1]-style 'a trous' blur of a (B, C, H, W) image with holes of the given radius."""
+    kernel = torch.tensor([0.25, 0.5, 0.25], dtype=image.dtype, device=image.device)
+    channels = image.shape[1]
+    pad = min(radius, image.shape[2] - 1, image.shape[3] - 1)
+    if pad < 1:
+        return image
+    horizontal = kernel.view(1, 1, 1, 3).repeat(channels, 1, 1, 1)
+    vertical = kernel.view(1, 1, 3, 1).repeat(channels, 1, 1, 1)
+    out = F.pad(image, (pad, pad, 0, 0), mode="reflect")
+    out = F.conv2d(out, horizontal, groups=channels, dilation=(1, pad))
+    out = F.pad(out, (0, 0, pad, pad), mode="reflect")
+    return F.conv2d(out, vertical, groups=channels, dilation=(pad, 1))
+
+
+def _wavelet_split(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high-frequency detail, low-frequency colour) of a (B, C, H, W) image."""
+    low = image
+    for level in range(WAVELET_LEVELS):
+        low = _blur(low, 2**level)
+    return image - low, low
+
+
+def color_fix(result: torch.Tensor, reference: torch.Tensor, mode: str) -> torch.Tensor:
+    """Give result (B, H, W, C) the colours of reference (same size): `wavelet` swaps the low frequencies,
+    `adain` matches per-channel mean and standard deviation, `none` returns result."""
+    if mode == "none":
+        return result
+    if mode not in COLOR_FIX_MODES:
+        raise ValueError(f"unknown color_fix {mode!r}: choose one of {', '.join(COLOR_FIX_MODES)}")
+    res = result.movedim(-1, 1).float()
+    ref = reference.movedim(-1, 1).float()
+    if mode == "wavelet":
+        detail, _ = _wavelet_split(res)
+        _, colour = _wavelet_split(ref)
+        fixed = detail + colour
+    else:
+        res_mean, res_std = res.mean(dim=(2, 3), keepdim=True), res.std(dim=(2, 3), keepdim=True)
+        ref_mean, ref_std = ref.mean(dim=(2, 3), keepdim=True), ref.std(dim=(2, 3), keepdim=True)
+        fixed = (res - res_mean) / res_std.clamp_min(1e-6) * ref_std + ref_mean
+    return fixed.clamp(0, 1).movedim(1, -1).to(result.dtype)

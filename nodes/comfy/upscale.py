@@ -1,0 +1,179 @@
+"""Astria Only Upscale: Astria's `--only_upscale` on the host: upscale, tiled encode, low-denoise img2img with A1111
+step semantics, tiled decode, colour fix. The FromPrompt variant takes every setting from a pasted Astria prompt."""
+import logging
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+import torch
+
+from ..core import img2img
+from ._api import io
+from . import vae_tiling
+
+log = logging.getLogger("astria")
+SEED_MAX = 2**32 - 1  # Astria's seed range
+STEP_SEMANTICS = ["astria", "comfyui"]
+DEFAULT_TILE_PX = 1024
+LATENT_GRID_PX = 8  # SD UNets need latents of whole pixels: image sides a multiple of 8
+
+
+def upscale_pixels(image, width, height, upscale_model=None):
+    """The input upscaled to (width, height): through the upscale model first when one is connected, then Lanczos."""
+    if upscale_model is not None:
+        from comfy_extras.nodes_upscale_model import ImageUpscaleWithModel
+
+        image = ImageUpscaleWithModel.execute(upscale_model, image)[0]
+    if image.shape[2] == width and image.shape[1] == height:
+        return image
+    resized = comfy.utils.common_upscale(image.movedim(-1, 1), width, height, "lanczos", "disabled")
+    return resized.movedim(1, -1).clamp(0, 1)
+
+
+def schedule_sigmas(model, steps, denoise, sampler_name, scheduler, step_semantics):
+    """The sigmas to run: A1111's img2img tail (`astria`) or ComfyUI's KSampler denoise schedule (`comfyui`)."""
+    if step_semantics == "astria":
+        full = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
+                                       scheduler=scheduler, denoise=1.0, model_options=model.model_options).sigmas
+        return img2img.a1111_sigma_schedule(full, denoise)
+    if denoise <= 0:
+        return torch.zeros(0)
+    return comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
+                                   scheduler=scheduler, denoise=denoise, model_options=model.model_options).sigmas
+
+
+def apply_control_net(positive, negative, control_net, hint_image, strength, vae):
+    """Conditioning with the tile ControlNet applied, hinted by the upscaled image (the host's own machinery)."""
+    if control_net is None or strength == 0:
+        return positive, negative
+    import nodes as host_nodes
+
+    return host_nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control_net, hint_image,
+                                                                 strength, 0.0, 1.0, vae=vae)
+
+
+def only_upscale(job):
+    """Run the whole only-upscale for one seed; `job` holds the node's inputs. Returns (B, H, W, C) images."""
+    batch, in_height, in_width = job.image.shape[0], job.image.shape[1], job.image.shape[2]
+    img2img.check_input_size(in_width, in_height)
+    width, height = img2img.target_size(in_width, in_height, job.scale, job.width, job.height)
+    vae_tiling.check_fits_in_memory(width, height, batch, job.tile_size)
+    upscaled = upscale_pixels(job.image, width, height, job.upscale_model)
+    comfy.model_management.throw_exception_if_processing_interrupted()
+    sigmas = schedule_sigmas(job.model, job.steps, job.denoise, job.sampler_name, job.scheduler, job.step_semantics)
+    if sigmas.numel() < 2:
+        return upscaled  # denoise 0: the upscaled image, no sampling
+    padded, original = img2img.pad_to_multiple(upscaled, LATENT_GRID_PX)
+    latent = vae_tiling.encode(job.vae, padded, job.tile_size)
+    positive, negative = apply_control_net(job.positive, job.negative, job.control_net, padded,
+                                           job.control_strength, job.vae)
+    model = vae_tiling.with_tiled_diffusion(job.model, latent, job.tile_size)
+    latent = comfy.sample.fix_empty_latent_channels(model, latent)
+    noise = comfy.sample.prepare_noise(latent, job.seed)
+    steps_to_run = sigmas.numel() - 1
+    callback = job.callback or latent_preview.prepare_callback(model, steps_to_run)
+    samples = comfy.sample.sample(model, noise, steps_to_run, job.cfg, job.sampler_name, job.scheduler, positive,
+                                  negative, latent, sigmas=sigmas, callback=callback, seed=job.seed,
+                                  disable_pbar=True)
+    decoded = vae_tiling.decode(job.vae, samples, job.tile_size)
+    decoded = img2img.crop_to(decoded, original).clamp(0, 1)
+    return img2img.color_fix(decoded, upscaled, job.color_fix)
+
+
+def upscale_widget_inputs():
+    """The widgets both only-upscale nodes share, with Astria's docs defaults."""
+    return [
+        io.Float.Input("scale", default=2.0, min=0.25, max=16.0, step=0.05,
+                       tooltip="Output size as a multiple of the input (ignored where width/height are set)."),
+        io.Int.Input("width", default=0, min=0, max=img2img.MAX_SIDE_PX, step=8,
+                     tooltip="Target width in pixels; 0 = from scale (or from height, keeping the aspect ratio)."),
+        io.Int.Input("height", default=0, min=0, max=img2img.MAX_SIDE_PX, step=8,
+                     tooltip="Target height in pixels; 0 = from scale (or from width, keeping the aspect ratio)."),
+        io.Int.Input("steps", default=16, min=1, max=150,
+                     tooltip="Sampling steps of the full schedule (Astria's steps=); with astria semantics only "
+                             "int(denoise x steps) + 1 of them run."),
+        io.Float.Input("denoise", default=0.1, min=0.0, max=1.0, step=0.01,
+                       tooltip="How much to repaint (Astria's denoising_strength): 0.1 adds detail, 0 only resizes."),
+        io.Float.Input("cfg", default=6.0, min=0.0, max=30.0, step=0.1,
+                       tooltip="Classifier-free guidance (Astria's cfg_scale)."),
+        io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler_ancestral",
+                       tooltip="Sampler (Astria's euler_a = euler_ancestral)."),
+        io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal",
+                       tooltip="Noise schedule (Astria's schedulers map to normal or karras)."),
+        io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True,
+                     tooltip="Noise seed (0 to 2^32-1, Astria's range); used when the prompt sets no seed."),
+        io.Int.Input("tile_size", default=DEFAULT_TILE_PX, min=256, max=4096, step=64,
+                     tooltip="Tile side in pixels for the tiled VAE and tiled diffusion; smaller uses less memory."),
+        io.Combo.Input("color_fix", options=list(img2img.COLOR_FIX_MODES), default="wavelet",
+                       tooltip="Keep the input's colours: wavelet (low frequencies from the upscaled input), adain "
+                               "(channel mean/std), or none."),
+        io.Combo.Input("step_semantics", options=STEP_SEMANTICS, default="astria",
+                       tooltip="astria: A1111 img2img steps like Astria (16 steps at 0.1 runs 2); comfyui: "
+                               "KSampler's (runs all 16 on a shortened schedule)."),
+    ]
+
+
+def optional_model_inputs():
+    """The optional upscale model and tile ControlNet inputs."""
+    return [
+        io.UpscaleModel.Input("upscale_model", optional=True,
+                              tooltip="Optional upscale model (e.g. 4x ESRGAN) run first, then resized to the target."),
+        io.ControlNet.Input("control_net", optional=True,
+                            tooltip="Optional tile ControlNet, hinted with the upscaled image (Astria's --resemblance)."),
+        io.Float.Input("control_strength", default=0.65, min=0.0, max=2.0, step=0.01, optional=True,
+                       tooltip="ControlNet strength (Astria's --resemblance, default 0.65); used with a ControlNet."),
+    ]
+
+
+class UpscaleJob:
+    """Everything one only-upscale run needs (the node's inputs, resolved)."""
+
+    def __init__(self, **fields):
+        self.upscale_model = None
+        self.control_net = None
+        self.control_strength = 0.65
+        self.callback = None
+        self.__dict__.update(fields)
+
+
+class AstriaOnlyUpscale(io.ComfyNode):
+    """Only-upscale from explicit inputs: any model, any conditioning."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AstriaOnlyUpscale",
+            display_name="Astria Only Upscale",
+            category="Astria",
+            description="Upscales the image and adds detail with a low-denoise img2img pass, like Astria's "
+                        "--only_upscale: tiled VAE, tiled diffusion, A1111 step semantics, colour fix.",
+            inputs=[
+                io.Image.Input("image", tooltip="The image(s) to upscale; a batch is fine."),
+                io.Model.Input("model", tooltip="The diffusion model (with LoRAs applied if wanted)."),
+                io.Vae.Input("vae", tooltip="The VAE that encodes and decodes the image."),
+                io.Conditioning.Input("positive", tooltip="Positive conditioning (e.g. from Astria Encode)."),
+                io.Conditioning.Input("negative", tooltip="Negative conditioning (e.g. from Astria Encode)."),
+                *upscale_widget_inputs(),
+                *optional_model_inputs(),
+            ],
+            outputs=[io.Image.Output(display_name="IMAGE")],
+        )
+
+    @classmethod
+    def execute(cls, image, model, vae, positive, negative, scale=2.0, width=0, height=0, steps=16, denoise=0.1,
+                cfg=6.0, sampler_name="euler_ancestral", scheduler="normal", seed=0, tile_size=DEFAULT_TILE_PX,
+                color_fix="wavelet", step_semantics="astria", upscale_model=None, control_net=None,
+                control_strength=0.65) -> io.NodeOutput:
+        if vae is None:
+            raise ValueError("Astria Only Upscale needs a VAE: connect the checkpoint loader's VAE output")
+        job = UpscaleJob(image=image, model=model, vae=vae, positive=positive, negative=negative, scale=scale,
+                         width=width, height=height, steps=steps, denoise=denoise, cfg=cfg,
+                         sampler_name=sampler_name, scheduler=scheduler, seed=seed, tile_size=tile_size,
+                         color_fix=color_fix, step_semantics=step_semantics, upscale_model=upscale_model,
+                         control_net=control_net, control_strength=control_strength)
+        return io.NodeOutput(only_upscale(job))
+
+
+UPSCALE_NODES = [AstriaOnlyUpscale]

@@ -60,6 +60,7 @@ class Faults:
     idempotent: bool = False  # equal attributes (the image ignored) answer the earlier prompt
     answer_with_prompt_id: Optional[int] = None  # creates answer this existing prompt ...
     answer_with_prompt_times: int = 10**9  # ... this many times
+    hang_gets: bool = False  # GET /prompts/:id.json never answers (until the fake stops)
     redirect_gets: bool = False  # GET /prompts/:id.json answers 302 to the image origin
     image_content_type: str = "image/png"
     images_per_prompt: int = 1
@@ -113,6 +114,7 @@ class FakeAstria:
         self._next_id = 1000
         self._api_count = 0
         self._runners: list[web.AppRunner] = []
+        self._release_hung = asyncio.Event()
         self.base_url = ""
         self.images_url = ""
 
@@ -140,6 +142,7 @@ class FakeAstria:
 
     async def stop(self) -> None:
         """Stop both servers."""
+        self._release_hung.set()
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
@@ -277,6 +280,9 @@ class FakeAstria:
         if self.faults.drop_get_times > 0:
             self.faults.drop_get_times -= 1
             self._drop(record, request)
+        if self.faults.hang_gets:
+            await self._release_hung.wait()
+            return self._json(record, {"error": "Service unavailable"}, 503)
         if self.faults.redirect_gets:
             record.status = 302
             raise web.HTTPFound(f"{self.images_url}/echo")

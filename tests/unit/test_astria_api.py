@@ -370,6 +370,25 @@ def test_cancel_mid_poll_stops_within_a_second_and_names_the_billed_prompt():
     assert str(error.prompt_id) in str(error) and "billed" in str(error)
 
 
+def test_cancel_abandons_a_request_that_hangs():
+    async def body(fake, client, clock):
+        prompt = await client.create_prompt(TUNE, {**FIELDS, "seed": 3}, INPUT_PNG)
+        fake.faults.hang_gets = True
+        polls = []
+
+        def cancelled():
+            polls.append(None)
+            return len(polls) >= 2  # the user presses Cancel while the GET hangs
+
+        with pytest.raises(AstriaCancelled) as caught:
+            await client.wait(prompt["id"], cancelled=cancelled)
+        return [r.status for r in fake.api("GET")], caught.value, prompt["id"]
+
+    statuses, error, prompt_id = scenario(body)
+    assert statuses == [None]  # abandoned before the server answered
+    assert error.prompt_id == prompt_id
+
+
 # ---- downloads --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["content_type", "too_many_bytes", "too_many_pixels", "not_an_image"])
 def test_downloads_are_checked(case):

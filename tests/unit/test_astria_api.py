@@ -11,6 +11,9 @@ import traceback
 
 import pytest
 
+pytest.importorskip("aiohttp", reason="the Astria client needs aiohttp (ComfyUI's venv ships it)")
+pytest.importorskip("PIL", reason="downloads are decode-checked with Pillow (ComfyUI's venv ships it)")
+
 from comfyui_astria.nodes.core import astria_api
 from comfyui_astria.nodes.core.astria_api import (
     AstriaAuthError,

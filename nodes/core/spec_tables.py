@@ -189,7 +189,7 @@ HIRES_PARAMS = ("hires_fix",)
 CONTROL_NET_PARAMS = ("controlnet", "controlnet_conditioning_scale")
 URL_PARAMS = ("input_image_url", "mask_image_url")
 ASPECT_PARAMS = ("ar", "aspect_ratio")
-ASPECT_REASON = "not applied: the input's aspect ratio is kept (set w and h for another size)"
+ASPECT_REASON = "the input's aspect ratio is kept (set w and h for another size)"
 
 # The spec's section-3 table as rows, for docs and the JS preview.
 LOCAL_ONLY_UPSCALE_TABLE: tuple[tuple[str, str], ...] = (

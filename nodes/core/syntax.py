@@ -227,7 +227,7 @@ def _extract_tags(line: str, line_number: int) -> tuple[str, list[tuple[str, str
             )
         if next_char != ":":
             raise AstriaSyntaxError(
-                line_number, column, f"malformed <{kind} tag {_show(line[match.start():match.start() + 30])}",
+                line_number, column, f"malformed <{kind} tag {_show(_tag_excerpt(line, match.start()))}",
                 f"write <{kind}:NAME:WEIGHT>, e.g. <{kind}:more_details:0.5>",
             )
         close = line.find(">", after)
@@ -245,6 +245,12 @@ def _extract_tags(line: str, line_number: int) -> tuple[str, list[tuple[str, str
         return line, tags
     pieces.append(line[position:])
     return "".join(pieces), tags
+
+
+def _tag_excerpt(line: str, start: int) -> str:
+    """The tag-like text at `start` for a message: up to its `>` or a few words."""
+    close = line.find(">", start, start + _SHOWN_VALUE_CHARS)
+    return line[start:close + 1] if close >= 0 else line[start:start + 20]
 
 
 def _split_tag_body(body: str, kind: str, line_number: int, column: int) -> tuple[str, float]:
@@ -413,7 +419,7 @@ def _typed_flag_value(name: str, token: str, line_number: int, column: int) -> A
 
 def _flag_example(name: str) -> str:
     """An example of the flag with a value, for error messages."""
-    examples = {"mask_dilate": "-20%", "outpaint": "top-center", "video_model": "seedance_v15_720p"}
+    examples = {"mask_dilate": "-20%", "outpaint": "top-center", "video_model": "seedance_v15_720p", "duration": "5"}
     default = tables.FLAG_DEFAULTS.get(name)
     if default is not None:
         return f"--{name} {default}"

@@ -42,6 +42,9 @@ class AstriaSyntaxError(ValueError):
         self.fix = fix
         super().__init__(f"line {line}, column {column}: {problem}; {fix}")
 
+    def __reduce__(self):
+        return type(self), (self.line, self.column, self.problem, self.fix)
+
 
 class FrozenMap(Mapping):
     """An immutable, hashable mapping that keeps insertion order (equality ignores order, like dict)."""
@@ -206,6 +209,8 @@ def _extract_tags(line: str, line_number: int) -> tuple[str, list[tuple[str, str
     `<lora...>`, the end of the line) is a malformed tag, an error.
     """
     tags: list[tuple[str, str, float]] = []
+    if "<" not in line:
+        return line, tags
     pieces: list[str] = []
     position = 0
     search_from = 0
@@ -314,6 +319,8 @@ def _warn_repeated_tags(tags: list[tuple[str, float]], label: str, warnings: _Wa
 
 def _extract_flags(line: str, line_number: int, flags: dict, flag_lines: dict, warnings: _Warnings) -> str:
     """Take the `--flags` out of one prompt line, store them in `flags`, and return the remaining text."""
+    if "--" not in line:
+        return line
     text_parts: list[str] = []
     position = 0
     while True:

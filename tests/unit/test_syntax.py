@@ -1,6 +1,7 @@
 """Tests of the Astria prompt parser (spec section 1): every rule, the round trip, and fuzzing."""
 
 import math
+import pickle
 
 import pytest
 from comfyui_astria.nodes.core import spec_tables
@@ -209,6 +210,11 @@ def test_tags_in_negative_prompt_are_plain_text_with_a_warning():
     assert prompt.loras == ()
     assert prompt.negative_prompt == "blurry <lora:bad:1> <cyberrealistic-neg>"
     assert any("negative prompt holds" in warning for warning in prompt.warnings)
+
+
+def test_flags_in_negative_prompt_are_plain_text():
+    prompt = parse_prompt("cat\nnegative_prompt=blurry --only_upscale")
+    assert prompt.flags == {} and prompt.negative_prompt == "blurry --only_upscale"
 
 
 def test_broken_tag_in_negative_prompt_is_not_an_error():
@@ -461,6 +467,13 @@ def test_range_error_message_names_the_fix():
         "line 3, column 20: denoising_strength=1.5 is out of range 0-1; "
         "give a value from 0 to 1, or leave it empty for the default"
     )
+
+
+def test_syntax_error_survives_pickling():
+    error = error_of("x\nsteps=99")
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.line, copy.column, str(copy)) == (error.line, error.column, str(error))
+    assert isinstance(copy, ValueError)
 
 
 def test_long_values_are_cut_in_messages():

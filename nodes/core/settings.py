@@ -75,17 +75,18 @@ class SamplerSettings:
     def target_size(self, input_width: int, input_height: int) -> tuple[int, int]:
         """The output size for an input: w and h as given; one of them: the other keeps the aspect; none: scale.
 
-        Derived sides are rounded to the nearest multiple of 8 (at least 8), since latents are 1/8 of the pixels.
+        Derived sides are rounded to the nearest pixel (at least 1), the same rule as img2img.target_size; padding
+        to the model's grid is the pipeline's business.
         """
         if input_width <= 0 or input_height <= 0:
             raise AstriaSettingsError(f"the input image is {input_width}x{input_height}; it needs a positive size")
         if self.width and self.height:
             return self.width, self.height
         if self.width:
-            return self.width, _round_to_8(input_height * self.width / input_width)
+            return self.width, _round_px(input_height * self.width / input_width)
         if self.height:
-            return _round_to_8(input_width * self.height / input_height), self.height
-        return _round_to_8(input_width * self.scale), _round_to_8(input_height * self.scale)
+            return _round_px(input_width * self.height / input_height), self.height
+        return _round_px(input_width * self.scale), _round_px(input_height * self.scale)
 
     def summary_lines(self) -> list[str]:
         """Human-readable lines for the node's summary: settings, LoRAs, applied and not applied, notices."""
@@ -383,6 +384,6 @@ def _flags(prompt: AstriaPrompt, notes: _Notes) -> None:
         notes.notices.append("the prompt has no --only_upscale; this node runs it as an only-upscale anyway")
 
 
-def _round_to_8(value: float) -> int:
-    """The nearest multiple of 8, at least 8."""
-    return max(8, round(value / 8) * 8)
+def _round_px(value: float) -> int:
+    """The nearest whole pixel, at least 1."""
+    return max(1, round(value))

@@ -1,6 +1,9 @@
 """Tests of the local only-upscale settings (spec section 3): values, A1111 step semantics, the applied account."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from comfyui_astria.nodes.core import spec_tables
 from comfyui_astria.nodes.core.settings import (
     OFF,
@@ -11,8 +14,6 @@ from comfyui_astria.nodes.core.settings import (
     sampler_settings,
 )
 from comfyui_astria.nodes.core.syntax import parse_prompt
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 UPSCALE_EXAMPLE = """\
 masterpiece, best quality, highres, <lora:more_details:0.5> <lora:SDXLrender_v2.0:1> --only_upscale
@@ -157,9 +158,9 @@ def test_unset_seed_uses_the_node_seed_every_time():
 def test_target_size():
     assert settings_of("x\nw=1024\nh=768").target_size(300, 300) == (1024, 768)
     assert settings_of("x\nw=1024").target_size(512, 256) == (1024, 512)
-    assert settings_of("x\nh=1000").target_size(333, 500) == (664, 1000)
+    assert settings_of("x\nh=1000").target_size(333, 500) == (666, 1000)
     assert settings_of("x").target_size(512, 768) == (1024, 1536)
-    assert settings_of("x", scale=1.5).target_size(333, 333) == (496, 496)
+    assert settings_of("x", scale=1.5).target_size(333, 333) == (500, 500)
     with pytest.raises(AstriaSettingsError):
         settings_of("x").target_size(0, 10)
 

@@ -4,10 +4,11 @@ import math
 import pickle
 
 import pytest
-from comfyui_astria.nodes.core import spec_tables
-from comfyui_astria.nodes.core.syntax import AstriaPrompt, AstriaSyntaxError, FrozenMap, format_prompt, parse_prompt
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
+
+from comfyui_astria.nodes.core import spec_tables
+from comfyui_astria.nodes.core.syntax import AstriaPrompt, AstriaSyntaxError, FrozenMap, format_prompt, parse_prompt
 
 # Astria's docs, use-cases/upscale.md (also the block in spec section 1).
 UPSCALE_EXAMPLE = """\

@@ -10,8 +10,8 @@ import latent_preview
 import torch
 
 from ..core import img2img
-from ._api import io
 from . import vae_tiling
+from ._api import io
 
 log = logging.getLogger("astria")
 SEED_MAX = 2**32 - 1  # Astria's seed range

@@ -9,7 +9,7 @@ from .conftest import output_images
 def test_object_info_lists_every_astria_node(comfy_server):
     info = comfy_server.get("/object_info")
     ours = sorted(name for name in info if name.startswith("Astria"))
-    assert "AstriaLoraLoader" in ours, ours
+    assert {"AstriaPrompt", "AstriaLoraLoader", "AstriaOnlyUpscale"} <= set(ours), ours
     for name in ours:
         assert info[name]["category"].startswith("Astria"), name
 

@@ -1,0 +1,130 @@
+"""Astria Prompt and Astria Settings: paste the block copied from Astria's gallery, get what ComfyUI needs."""
+import comfy.samplers
+
+from ..core import attention, settings, syntax
+from ._api import io
+from .types import AstriaPromptType
+
+SEED_MAX = 2**32 - 1
+EXAMPLE_PROMPT = """masterpiece, best quality, highres, <lora:more_details:0.5> <lora:SDXLrender_v2.0:1> --only_upscale
+num_images=1
+negative_prompt=(worst quality, low quality, normal quality:2) JuggernautNegative-neg
+seed=
+steps=16
+cfg_scale=6.0
+denoising_strength=0.1
+scheduler=euler_a
+use_lpw=false"""
+
+
+def parse_for_node(text):
+    """The parsed prompt; a syntax error becomes the node's error with the spec's message (line, column, fix)."""
+    try:
+        return syntax.parse_prompt(text)
+    except syntax.AstriaSyntaxError as error:
+        raise ValueError(f"Astria prompt: {error}") from error
+
+
+def comfy_text(text, weighting):
+    """Prompt text in ComfyUI's syntax with the same weights (or verbatim, brackets escaped, for `none`)."""
+    converted = attention.comfy_literal(text) if weighting == "none" else attention.to_comfy(text)
+    return converted.text, converted.warnings
+
+
+def prompt_summary(prompt, defaults):
+    """What was understood: LoRAs, flags, settings, remote-only items, warnings (for the summary output)."""
+    try:
+        understood = settings.sampler_settings(prompt, defaults)
+    except settings.AstriaSettingsError as error:
+        raise ValueError(f"Astria prompt: {error}") from error
+    lines = [f"Prompt: {prompt.positive}"]
+    if prompt.negative_prompt:
+        lines.append(f"Negative: {prompt.negative_prompt}")
+    lines += understood.summary_lines()
+    lines += [f"Warning: {warning}" for warning in prompt.warnings]
+    return understood, lines
+
+
+class AstriaPrompt(io.ComfyNode):
+    """Parses an Astria prompt block into the ASTRIA_PROMPT every Astria node reads, plus ComfyUI prompt text."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AstriaPrompt",
+            display_name="Astria Prompt",
+            category="Astria",
+            description="Paste a prompt as copied from Astria's gallery: text with <lora:NAME:W> tags, --flags "
+                        "and key=value lines. Outputs the parsed prompt and ComfyUI-syntax prompt strings.",
+            inputs=[
+                io.String.Input("text", multiline=True, default=EXAMPLE_PROMPT,
+                                tooltip="The Astria prompt block: prompt text, <lora:...> tags, --flags, then "
+                                        "key=value lines (steps=16, denoising_strength=0.1, negative_prompt=...)."),
+            ],
+            outputs=[
+                AstriaPromptType.Output(display_name="ASTRIA_PROMPT"),
+                io.String.Output(display_name="positive"),
+                io.String.Output(display_name="negative"),
+                io.String.Output(display_name="summary"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, text) -> io.NodeOutput:
+        prompt = parse_for_node(text)
+        try:
+            understood, lines = prompt_summary(prompt, settings.SamplerDefaults())
+            weighting = understood.weighting
+        except ValueError as error:  # e.g. a scheduler only Astria's cloud knows: the remote node can still run it
+            lines = [f"Prompt: {prompt.positive}", f"Local run not possible: {error}"]
+            weighting = "none" if prompt.param("use_lpw") is False else "a1111"
+        positive, positive_notes = comfy_text(prompt.positive, weighting)
+        negative, negative_notes = comfy_text(prompt.negative_prompt or "", weighting)
+        lines += [f"Warning (positive text): {note}" for note in positive_notes]
+        lines += [f"Warning (negative text): {note}" for note in negative_notes]
+        return io.NodeOutput(prompt, positive, negative, "\n".join(lines))
+
+
+class AstriaSettings(io.ComfyNode):
+    """Turns a parsed Astria prompt into sampler settings, so a pasted prompt can drive KSampler or any graph."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AstriaSettings",
+            display_name="Astria Settings",
+            category="Astria",
+            description="The prompt's steps, seed, cfg, denoise, sampler, scheduler and size as plain values.",
+            inputs=[
+                AstriaPromptType.Input("astria_prompt", tooltip="The parsed prompt from Astria Prompt."),
+                io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True,
+                             tooltip="Seed used when the prompt's seed= is empty (0 to 2^32-1, Astria's range)."),
+                io.Int.Input("default_steps", default=16, min=1, max=150,
+                             tooltip="Steps used when the prompt sets none (or steps=0)."),
+                io.Float.Input("default_cfg", default=6.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="CFG used when the prompt sets no cfg_scale."),
+                io.Float.Input("default_denoise", default=0.1, min=0.0, max=1.0, step=0.01,
+                               tooltip="Denoise used when the prompt sets no denoising_strength."),
+            ],
+            outputs=[
+                io.Int.Output(display_name="steps"),
+                io.Int.Output(display_name="seed"),
+                io.Float.Output(display_name="cfg"),
+                io.Float.Output(display_name="denoise"),
+                io.Combo.Output(display_name="sampler_name", options=comfy.samplers.SAMPLER_NAMES),
+                io.Combo.Output(display_name="scheduler", options=comfy.samplers.SCHEDULER_NAMES),
+                io.Int.Output(display_name="width"),
+                io.Int.Output(display_name="height"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, astria_prompt, seed=0, default_steps=16, default_cfg=6.0, default_denoise=0.1) -> io.NodeOutput:
+        defaults = settings.SamplerDefaults(steps=default_steps, cfg=default_cfg, denoise=default_denoise, seed=seed)
+        understood, _ = prompt_summary(astria_prompt, defaults)
+        return io.NodeOutput(understood.steps, understood.seed, understood.cfg, understood.denoise,
+                             understood.sampler_name, understood.scheduler, understood.width or 0,
+                             understood.height or 0)
+
+
+PROMPT_NODES = [AstriaPrompt, AstriaSettings]

@@ -9,9 +9,12 @@ import comfy.utils
 import latent_preview
 import torch
 
-from ..core import img2img
+from ..core import img2img, settings
 from . import vae_tiling
 from ._api import io
+from .encode import encode_prompt
+from .lora import apply_prompt_loras
+from .types import AstriaPromptType
 
 log = logging.getLogger("astria")
 SEED_MAX = 2**32 - 1  # Astria's seed range
@@ -176,4 +179,69 @@ class AstriaOnlyUpscale(io.ComfyNode):
         return io.NodeOutput(only_upscale(job))
 
 
-UPSCALE_NODES = [AstriaOnlyUpscale]
+WEIGHTING_CHOICES = ["from prompt", "a1111", "comfy", "none"]
+
+
+class AstriaOnlyUpscaleFromPrompt(io.ComfyNode):
+    """The one node a user needs after pasting a prompt: LoRAs, encoding and every setting come from the prompt."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AstriaOnlyUpscaleFromPrompt",
+            display_name="Astria Only Upscale (from prompt)",
+            category="Astria",
+            description="Runs Astria's --only_upscale from a pasted prompt: applies its LoRAs, encodes it with "
+                        "A1111 weights, takes steps/denoise/cfg/scheduler/seed/size from it (widgets fill only what "
+                        "the prompt leaves unset) and reports what was and was not applied.",
+            inputs=[
+                io.Image.Input("image", tooltip="The image(s) to upscale; a batch is fine."),
+                io.Model.Input("model", tooltip="The diffusion model (the prompt's LoRAs are applied to it)."),
+                io.Clip.Input("clip", tooltip="The text encoder (the prompt's LoRAs are applied to it)."),
+                io.Vae.Input("vae", tooltip="The VAE that encodes and decodes the image."),
+                AstriaPromptType.Input("astria_prompt", tooltip="The parsed prompt from Astria Prompt."),
+                *upscale_widget_inputs(),
+                io.Combo.Input("weighting", options=WEIGHTING_CHOICES, default="from prompt",
+                               tooltip="Prompt weighting: from the prompt's use_lpw (A1111 unless use_lpw=false), "
+                                       "or force a1111, comfy (ComfyUI's formula) or none (brackets as text)."),
+                *optional_model_inputs(),
+            ],
+            outputs=[io.Image.Output(display_name="IMAGE"), io.String.Output(display_name="summary")],
+        )
+
+    @classmethod
+    def execute(cls, image, model, clip, vae, astria_prompt, scale=2.0, width=0, height=0, steps=16, denoise=0.1,
+                cfg=6.0, sampler_name="euler_ancestral", scheduler="normal", seed=0, tile_size=DEFAULT_TILE_PX,
+                color_fix="wavelet", step_semantics="astria", weighting="from prompt", upscale_model=None,
+                control_net=None, control_strength=0.65) -> io.NodeOutput:
+        if vae is None:
+            raise ValueError("Astria Only Upscale needs a VAE: connect the checkpoint loader's VAE output")
+        defaults = settings.SamplerDefaults(
+            steps=steps, cfg=cfg, denoise=denoise, sampler_name=sampler_name, scheduler=scheduler, seed=seed,
+            scale=scale, has_upscale_model=upscale_model is not None, has_control_net=control_net is not None,
+            weighting=None if weighting == "from prompt" else weighting)
+        try:
+            understood = settings.sampler_settings(astria_prompt, defaults)
+        except settings.AstriaSettingsError as error:
+            raise ValueError(f"Astria prompt: {error}") from error
+        model, clip, lora_report = apply_prompt_loras(model, clip, astria_prompt)
+        positive, negative, encode_notes = encode_prompt(clip, astria_prompt, understood.weighting)
+        results = []
+        for run_seed in understood.seeds:
+            job = UpscaleJob(image=image, model=model, vae=vae, positive=positive, negative=negative,
+                             scale=understood.scale, width=understood.width or width,
+                             height=understood.height or height, steps=understood.steps, denoise=understood.denoise,
+                             cfg=understood.cfg, sampler_name=understood.sampler_name,
+                             scheduler=understood.scheduler, seed=run_seed, tile_size=tile_size, color_fix=color_fix,
+                             step_semantics=step_semantics, upscale_model=upscale_model, control_net=control_net,
+                             control_strength=understood.control_strength if understood.control_strength is not None
+                             else control_strength)
+            results.append(only_upscale(job))
+        summary = understood.summary_lines() + ["LoRAs applied:"] + [f"  {line}" for line in lora_report]
+        summary += [f"Encoding: {note}" for note in encode_notes]
+        if step_semantics == "comfyui":
+            summary.append(f"Step semantics: comfyui (all {understood.steps} steps run on a shortened schedule)")
+        return io.NodeOutput(torch.cat(results, dim=0), "\n".join(summary))
+
+
+UPSCALE_NODES = [AstriaOnlyUpscale, AstriaOnlyUpscaleFromPrompt]

@@ -17,8 +17,15 @@ def picture(height, width, seed=0, batch=1):
     return (0.6 * base + 0.4 * blobs.movedim(1, -1)).clamp(0, 1)
 
 
+_CONDITIONING = {}
+
+
 def conditioning(comfy_host, clip, text):
-    return comfy_host.nodes.CLIPTextEncode().encode(clip, text)[0]
+    """CLIPTextEncode of text, encoded once per clip for the whole module (the full-size CLIP-L costs seconds)."""
+    key = (id(clip), text)
+    if key not in _CONDITIONING:
+        _CONDITIONING[key] = comfy_host.nodes.CLIPTextEncode().encode(clip, text)[0]
+    return _CONDITIONING[key]
 
 
 def lanczos(image, width, height):
@@ -82,17 +89,17 @@ def test_sampler_steps_follow_the_step_semantics(comfy_host, sd15_pixel, monkeyp
     counter = StepCounter()
     monkeypatch.setattr(latent_preview, "prepare_callback", lambda model, steps, x0=None: counter)
     model, clip, vae = sd15_pixel
-    upscale(comfy_host, model, clip, vae, picture(64, 64), steps=16, denoise=0.1, sampler_name=sampler,
-            step_semantics=semantics)
+    upscale(comfy_host, model, clip, vae, picture(64, 64), scale=1.0, steps=16, denoise=0.1,
+            sampler_name=sampler, step_semantics=semantics)
     assert len(counter.steps) == expected_steps, counter.steps
 
 
 def test_same_seed_same_image_other_seed_other_image(comfy_host, sd15_pixel):
     model, clip, vae = sd15_pixel
     image = picture(64, 64, seed=9)
-    first = upscale(comfy_host, model, clip, vae, image, denoise=0.3, seed=11)
-    again = upscale(comfy_host, model, clip, vae, image, denoise=0.3, seed=11)
-    other = upscale(comfy_host, model, clip, vae, image, denoise=0.3, seed=12)
+    first = upscale(comfy_host, model, clip, vae, image, scale=1.0, denoise=0.3, seed=11)
+    again = upscale(comfy_host, model, clip, vae, image, scale=1.0, denoise=0.3, seed=11)
+    other = upscale(comfy_host, model, clip, vae, image, scale=1.0, denoise=0.3, seed=12)
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
 
@@ -138,8 +145,8 @@ def test_cancel_mid_run_raises_the_host_interrupt_and_leaves_no_state(comfy_host
     monkeypatch.setattr(latent_preview, "prepare_callback", interrupt_at_first_step)
     model, clip, vae = sd15_pixel
     with pytest.raises(mm.InterruptProcessingException):
-        upscale(comfy_host, model, clip, vae, picture(64, 64), steps=16, denoise=0.5)
+        upscale(comfy_host, model, clip, vae, picture(64, 64), scale=1.0, steps=16, denoise=0.5)
     assert not mm.processing_interrupted()
     monkeypatch.undo()
-    out = upscale(comfy_host, model, clip, vae, picture(64, 64), denoise=0.1)
-    assert out.shape == (1, 128, 128, 3)
+    out = upscale(comfy_host, model, clip, vae, picture(64, 64), scale=1.0, denoise=0.1)
+    assert out.shape == (1, 64, 64, 3)

@@ -2,6 +2,7 @@
 from ._api import ComfyExtension, io
 from .lora import LORA_NODES
 from .prompt import PROMPT_NODES
+from .remote import REMOTE_NODES
 from .upscale import UPSCALE_NODES
 
 
@@ -10,4 +11,4 @@ class AstriaExtension(ComfyExtension):
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         """Every node class of the pack, in menu order."""
-        return [*PROMPT_NODES, *LORA_NODES, *UPSCALE_NODES]
+        return [*PROMPT_NODES, *LORA_NODES, *UPSCALE_NODES, *REMOTE_NODES]

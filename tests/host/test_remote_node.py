@@ -3,6 +3,7 @@
 The fake runs on 127.0.0.1 in its own thread (real time, prompts finish at once unless a test holds them); the node
 finds it through ASTRIA_API_URL, as a user's ComfyUI would find Astria.
 """
+import asyncio
 import importlib
 import logging
 import shutil
@@ -203,3 +204,29 @@ def test_results_of_different_sizes_are_a_clear_error_naming_the_prompts(comfy_h
     with pytest.raises(ValueError, match=r"different sizes \(image 1 \(prompt \d+\): 24x16, image 2 \(prompt \d+\): "
                                          r"32x16\)"):
         remote(comfy_host, batch((1, 2, 3), (3, 2, 1)), parsed(comfy_host), seed=10)
+
+
+def test_progress_bar_and_status_text_follow_the_batch(comfy_host, astria, monkeypatch):
+    import comfy.utils
+    import server
+
+    texts, bar = [], []
+
+    class RecordingServer:
+        def send_progress_text(self, text, node_id, sid=None):
+            texts.append((node_id, text))
+
+    monkeypatch.setattr(server.PromptServer, "instance", RecordingServer(), raising=False)
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK",
+                        lambda value, total, preview, node_id=None: bar.append((value, total, node_id)))
+    cls = comfy_host.nodes.NODE_CLASS_MAPPINGS["AstriaRemoteUpscale"]
+    clone = cls.PREPARE_CLASS_CLONE({"UNIQUE_ID": "42"})
+    outputs = asyncio.run(clone.execute(image=batch((1, 2, 3), (4, 5, 6)), astria_prompt=parsed(comfy_host),
+                                        tune_id=TUNE, seed=5, concurrency=1, max_prompts=16))
+    assert outputs.result[0].shape[0] == 2
+    assert bar == [(1, 2, "42"), (2, 2, "42")]
+    assert {node_id for node_id, _ in texts} == {"42"}
+    shown = "\n".join(text for _, text in texts)
+    assert "Creating the prompt on Astria (seed 5)" in shown and "Creating the prompt on Astria (seed 6)" in shown
+    assert "Downloading image 1 of 1 of prompt" in shown
+    assert texts[-1][1].startswith("Astria: 2 of 2 image(s) done")

@@ -3,6 +3,7 @@ from ._api import ComfyExtension, io
 from .encode import ENCODE_NODES
 from .lora import LORA_NODES
 from .prompt import PROMPT_NODES
+from .remote import REMOTE_NODES
 from .upscale import UPSCALE_NODES
 
 
@@ -11,4 +12,4 @@ class AstriaExtension(ComfyExtension):
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         """Every node class of the pack, in menu order."""
-        return [*PROMPT_NODES, *LORA_NODES, *ENCODE_NODES, *UPSCALE_NODES]
+        return [*PROMPT_NODES, *LORA_NODES, *ENCODE_NODES, *UPSCALE_NODES, *REMOTE_NODES]

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import formatdate
-from typing import Optional
+from typing import Callable, Optional
 
 from aiohttp import web
 from PIL import Image
@@ -54,7 +56,8 @@ class Faults:
     drop_get_times: int = 0  # GETs whose connection is dropped without an answer
     reject_422: Optional[str] = None  # creates answer 422 with this `error`
     echo_auth_in_errors: bool = False  # a careless server that puts the Authorization header in its error text
-    user_error: Optional[str] = None  # prompts fail with this `user_error`
+    user_error: Optional[str] = None  # prompts fail with this `user_error` ...
+    user_error_seeds: tuple = ()  # ... only those created with one of these seeds (as sent), when given
     never_finish: bool = False
     render_s: float = 10.0  # virtual seconds from create until images appear
     idempotent: bool = False  # equal attributes (the image ignored) answer the earlier prompt
@@ -103,11 +106,13 @@ def png_bytes(size=(8, 8), color=(200, 40, 40)) -> bytes:
 class FakeAstria:
     """The fake API server plus its image server (a second origin)."""
 
-    def __init__(self, clock: FakeClock, api_key: str, faults: Optional[Faults] = None, image: Optional[bytes] = None):
+    def __init__(self, clock: FakeClock, api_key: str, faults: Optional[Faults] = None, image: Optional[bytes] = None,
+                 image_for: Optional[Callable[[FakePrompt], bytes]] = None):
         self.clock = clock
         self._expected_auth = f"Bearer {api_key}"
         self.faults = faults or Faults()
         self.image = image if image is not None else png_bytes()
+        self.image_for = image_for  # when set, each prompt's images come from image_for(prompt)
         self.prompts: dict[int, FakePrompt] = {}
         self.requests: list[RecordedRequest] = []
         self.image_requests: list[RecordedRequest] = []
@@ -209,7 +214,8 @@ class FakeAstria:
         if finished and not prompt.user_error:
             images = [f"{self.images_url}/img/{prompt.id}/{n}.png?sig=token{n}"
                       for n in range(self.faults.images_per_prompt)]
-        created_at = datetime.fromtimestamp(EPOCH + prompt.created_t, tz=timezone.utc)
+        created_wall = self.clock.wall() - (self.clock() - prompt.created_t)  # EPOCH + created_t on a FakeClock
+        created_at = datetime.fromtimestamp(created_wall, tz=timezone.utc)
         view = {"id": prompt.id, "tune_id": prompt.tune_id, "text": prompt.attrs.get("text"),
                 "negative_prompt": prompt.attrs.get("negative_prompt", ""),
                 "seed": int(prompt.attrs["seed"]) if "seed" in prompt.attrs else None,
@@ -250,7 +256,9 @@ class FakeAstria:
             for earlier in self.prompts.values():
                 if earlier.tune_id == tune_id and earlier.attrs == attrs:
                     return self._json(record, self._view(earlier), 200)
-        prompt = FakePrompt(self._new_id(), tune_id, attrs, self.clock(), user_error=faults.user_error)
+        fails = not faults.user_error_seeds or attrs.get("seed") in {str(s) for s in faults.user_error_seeds}
+        prompt = FakePrompt(self._new_id(), tune_id, attrs, self.clock(),
+                            user_error=faults.user_error if fails else None)
         self.prompts[prompt.id] = prompt
         if faults.create_504_after_save > 0:
             faults.create_504_after_save -= 1
@@ -294,9 +302,54 @@ class FakeAstria:
     async def _image(self, request: web.Request):
         record = self._record("images", request)
         record.status = 200
-        return web.Response(body=self.image, content_type=self.faults.image_content_type)
+        prompt = self.prompts.get(int(request.match_info["pid"]))
+        body = self.image_for(prompt) if self.image_for is not None and prompt is not None else self.image
+        return web.Response(body=body, content_type=self.faults.image_content_type)
 
     async def _echo(self, request: web.Request):
         record = self._record("images", request)
         record.status = 200
         return web.json_response({"id": 1, "images": []})
+
+
+class RealClock(FakeClock):
+    """Real time for a fake served to a real ComfyUI (host and server tiers): seconds since it was made."""
+
+    def __init__(self):
+        super().__init__()
+        self._started = time.monotonic()
+
+    def __call__(self) -> float:
+        return time.monotonic() - self._started
+
+    def wall(self) -> float:
+        """Return the real wall-clock time."""
+        return time.time()
+
+
+class FakeAstriaThread:
+    """A FakeAstria on real time, served from its own thread and event loop, for callers without a loop of theirs."""
+
+    def __init__(self, api_key: str, faults: Optional[Faults] = None, **fake_options):
+        self.fake = FakeAstria(RealClock(), api_key, faults, **fake_options)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fake-astria", daemon=True)
+
+    def start(self) -> FakeAstria:
+        """Start the servers; returns the fake (its base_url, faults, prompts and requests)."""
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.fake.start(), self._loop).result(timeout=30)
+        return self.fake
+
+    def stop(self) -> None:
+        """Stop the servers and the thread."""
+        asyncio.run_coroutine_threadsafe(self.fake.stop(), self._loop).result(timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+        self._loop.close()
+
+    def __enter__(self) -> FakeAstria:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()

@@ -10,10 +10,12 @@ Pure Python; `a1111_emphasis` works on torch tensors without importing torch its
 """
 from __future__ import annotations
 
+import itertools
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 ROUND_MULTIPLIER = 1.1
 # A1111 multiplies by the reciprocal instead of dividing by 1.1; the two differ in the last bit for some weights.
@@ -63,7 +65,7 @@ def _split_breaks(run: str) -> list[str]:
 class _Block:
     """The distinct weights of pieces that share every future multiplication (the same brackets still open)."""
 
-    __slots__ = ("values", "index", "forward", "remap", "final")
+    __slots__ = ("final", "forward", "index", "remap", "values")
 
     def __init__(self):
         self.values: list[float] = []
@@ -243,7 +245,7 @@ class _Pieces:
     def close_unclosed(self) -> None:
         """Apply brackets left open, to the end of the text: A1111 applies round ones first, outermost first."""
         bounds = sorted({0, len(self.entries), *self.round_starts, *self.square_starts})
-        for low, high in zip(bounds, bounds[1:]):
+        for low, high in itertools.pairwise(bounds):
             rounds = sum(1 for start in self.round_starts if start <= low)
             squares = sum(1 for start in self.square_starts if start <= low)
             if rounds or squares:
@@ -364,7 +366,7 @@ def _comfy_literal_text(text: str) -> str:
 
 def _comfy_weight(weight: float) -> str:
     """A weight as ComfyUI text: 12 significant digits, so 1.2100000000000002 reads 1.21 (within 1e-12)."""
-    return "%.12g" % weight
+    return f"{weight:.12g}"
 
 
 def _strip_nul_collisions(text: str, warnings: list[str]) -> str:

@@ -4,9 +4,6 @@ import random
 import re
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
-
 from comfyui_astria.nodes.core import attention
 from comfyui_astria.nodes.core.attention import (
     CHUNK_BREAK,
@@ -18,6 +15,8 @@ from comfyui_astria.nodes.core.attention import (
     parse_attention,
     to_comfy,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 # ---------------------------------------------------------------------------------------------------------------
 # TEST ORACLE (not product code): a plain re-statement of AUTOMATIC1111's `parse_prompt_attention`
@@ -25,7 +24,7 @@ from comfyui_astria.nodes.core.attention import (
 # split and the same final merge. Quadratic and unbounded, so it only ever sees small generated prompts.
 
 _ORACLE_TOKEN = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:([+-]?[.\d]+)\)|\)|]|[^\\()\[\]:]+|:")
-_ORACLE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_ORACLE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.DOTALL)
 
 
 def a1111_oracle(text):

@@ -132,22 +132,23 @@ class _Pieces:
         self.text = text
         self.entries: list = []  # per entry: a float (one segment's weight) or a _Block
         self.entry_segment: list[int] = []  # the segment of a float entry, -1 for a block
-        self.segment_texts: list[list[str]] = []
-        self.segment_offsets: list[int] = []
-        self.segment_entry: list[int] = []
-        self.segment_block: list[_Block | None] = []
-        self.segment_slot: list[int] = []
+        self.texts: list[str] = []  # every piece's text, in order
+        # Per segment: its first piece in `texts`, its offset in the prompt, and where its weight is: an entry
+        # index while that entry is its own float, then (block, slot) once collapsed. Flat lists of numbers keep
+        # the garbage collector out of the way on megabyte prompts.
+        self.segment_first: list[int] = []
+        self.segment_offset: list[int] = []
+        self.segment_where: list = []
         self.round_starts: list[int] = []  # entry index where each open bracket starts
         self.square_starts: list[int] = []
         self.start_new = True
 
     def _new_segment(self, text: str, weight: float, offset: int) -> None:
-        self.segment_texts.append([text])
-        self.segment_offsets.append(offset)
-        self.segment_entry.append(len(self.entries))
-        self.segment_block.append(None)
-        self.segment_slot.append(0)
-        self.entry_segment.append(len(self.segment_texts) - 1)
+        self.entry_segment.append(len(self.segment_where))
+        self.segment_where.append(len(self.entries))
+        self.segment_first.append(len(self.texts))
+        self.segment_offset.append(offset)
+        self.texts.append(text)
         self.entries.append(weight)
 
     def add(self, text: str, offset: int) -> None:
@@ -156,7 +157,7 @@ class _Pieces:
             self._new_segment(text, 1.0, offset)
             self.start_new = False
         else:
-            self.segment_texts[-1].append(text)
+            self.texts.append(text)
 
     def add_run(self, run: str, offset: int) -> None:
         """Append a run of plain text, cutting out whole-word BREAKs (weight -1, multiplied like any piece)."""
@@ -189,6 +190,11 @@ class _Pieces:
 
     def _close(self, start: int, multiplier: float, other_starts: list[int]) -> None:
         self.start_new = True
+        entries = self.entries
+        if len(entries) == start + 1 and (not other_starts or other_starts[-1] <= start) \
+                and entries[start].__class__ is float:
+            entries[start] *= multiplier  # the common `(word)`: nothing to collapse
+            return
         # Brackets of the other kind opened inside this one and still open split its entries into stretches
         # with different brackets still around them; each stretch collapses on its own.
         inside = len(other_starts)
@@ -207,7 +213,7 @@ class _Pieces:
             other_starts[i] = position
         for index in range(start, len(self.entries)):
             if self.entry_segment[index] >= 0:
-                self.segment_entry[self.entry_segment[index]] = index
+                self.segment_where[self.entry_segment[index]] = index
 
     def _collapse_and_multiply(self, low: int, high: int, multiplier: float) -> int:
         """Multiply entries low..high-1, collapsed into one block when there are several; returns how many remain."""
@@ -234,9 +240,7 @@ class _Pieces:
             if isinstance(entry, _Block):
                 entry.merge_into(block)
             else:
-                segment = self.entry_segment[index]
-                self.segment_block[segment] = block
-                self.segment_slot[segment] = block.slot(entry)
+                self.segment_where[self.entry_segment[index]] = (block, block.slot(entry))
         entries[low:high] = [block]
         self.entry_segment[low:high] = [-1]
         block.multiply(multiplier)
@@ -271,26 +275,24 @@ class _Pieces:
     def weighted(self) -> list[tuple[str, float]]:
         """The pieces with their final weights, neighbours of equal weight joined as A1111 does last."""
         merged: list[tuple[str, float]] = []
-        run_texts: list[str] = []
+        run_first = 0
         run_weight = None
-        for texts, offset, entry, block, slot in zip(
-            self.segment_texts, self.segment_offsets, self.segment_entry, self.segment_block, self.segment_slot
-        ):
-            weight = self.entries[entry] if block is None else _final_values(block)[slot]
+        ends = [*self.segment_first[1:], len(self.texts)]
+        for first, end, offset, where in zip(self.segment_first, ends, self.segment_offset, self.segment_where):
+            weight = self.entries[where] if where.__class__ is int else _final_values(where[0])[where[1]]
             if not math.isfinite(weight):
                 raise AttentionSyntaxError(
                     self.text, offset, f"the text here gets the weight {weight} after multiplying its brackets' "
                     "weights", "use smaller weights or fewer nested brackets",
                 )
-            if run_texts and weight == run_weight:
-                run_texts.extend(texts)
+            if weight == run_weight and first:
                 continue
-            if run_texts:
-                merged.append(("".join(run_texts), run_weight))
-            run_texts = list(texts)
+            if first:
+                merged.append(("".join(self.texts[run_first:first]), run_weight))
+            run_first = first
             run_weight = weight
-        if run_texts:
-            merged.append(("".join(run_texts), run_weight))
+        if self.texts:
+            merged.append(("".join(self.texts[run_first:]), run_weight))
         return merged or [("", 1.0)]
 
 
@@ -356,12 +358,11 @@ class ComfyText(NamedTuple):
 # ComfyUI turns `\)` and `\(` into these pairs before parsing and back afterwards, so a NUL written before \x01 or
 # \x02 in the prompt would come out as a bracket.
 _NUL_COLLISION = re.compile("\x00+(?=[\x01\x02])")
-_COMFY_BRACKET = re.compile(r"([()])")
 
 
 def _comfy_literal_text(text: str) -> str:
     """Text that ComfyUI reads back character for character: round brackets escaped, other characters as is."""
-    return _COMFY_BRACKET.sub(r"\\\1", text)
+    return text.replace("(", "\\(").replace(")", "\\)")
 
 
 def _comfy_weight(weight: float) -> str:
@@ -384,30 +385,39 @@ def pieces_to_comfy(pieces: Sequence[tuple[str, float]]) -> ComfyText:
     warnings: list[str] = []
     out: list[str] = []
     breaks = 0
+    bracketed_break = False
+    written_weights: dict[float, str] = {}
     for text, weight in pieces:
         if is_chunk_break(text, weight):
             # ComfyUI's text has no chunk break; a space keeps the words on both sides apart.
             breaks += 1
             text, weight = " ", 1.0
         elif text == BREAK_TEXT and weight < 0:
-            warnings.append(
-                "BREAK inside brackets does not start a new chunk in A1111: it stays the word BREAK with a "
-                "negative weight; move it out of the brackets to break the prompt there."
-            )
-        text = _strip_nul_collisions(text, warnings)
+            bracketed_break = True
+        if "\x00" in text:
+            text = _strip_nul_collisions(text, warnings)
         if not text:
             continue  # no characters, no weights; `(:w)` would even read as literal text in ComfyUI
-        literal = _comfy_literal_text(text)
-        if weight == 1.0 and not literal.endswith("\\"):
-            out.append(literal)
-        else:
-            # A trailing backslash before a following `(` would turn it into ComfyUI's `\(` escape; inside a group
-            # the backslash is followed by `:` and stays literal, so weight-1 text ending in `\` is grouped too.
-            out.append(f"({literal}:{_comfy_weight(weight)})")
+        if "(" in text or ")" in text:
+            text = _comfy_literal_text(text)
+        if weight == 1.0 and not text.endswith("\\"):
+            out.append(text)
+            continue
+        # A trailing backslash before a following `(` would turn it into ComfyUI's `\(` escape; inside a group
+        # the backslash is followed by `:` and stays literal, so weight-1 text ending in `\` is grouped too.
+        written = written_weights.get(weight)
+        if written is None:
+            written = written_weights[weight] = _comfy_weight(weight)
+        out.append(f"({text}:{written})")
     if breaks:
         warnings.append(
             f"BREAK ({breaks}x) has no equivalent in ComfyUI prompt text and was replaced by a space; "
             "Astria Encode honours it (in plain ComfyUI, encode the parts separately and use Conditioning Concat)."
+        )
+    if bracketed_break:
+        warnings.append(
+            "BREAK inside brackets does not start a new chunk in A1111: it stays the word BREAK with a negative "
+            "weight; move it out of the brackets to break the prompt there."
         )
     return ComfyText("".join(out), list(dict.fromkeys(warnings)))
 

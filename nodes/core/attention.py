@@ -133,12 +133,13 @@ class _Pieces:
         self.entries: list = []  # per entry: a float (one segment's weight) or a _Block
         self.entry_segment: list[int] = []  # the segment of a float entry, -1 for a block
         self.texts: list[str] = []  # every piece's text, in order
-        # Per segment: its first piece in `texts`, its offset in the prompt, and where its weight is: an entry
-        # index while that entry is its own float, then (block, slot) once collapsed. Flat lists of numbers keep
-        # the garbage collector out of the way on megabyte prompts.
+        # Per segment: its first piece in `texts`, its offset in the prompt, and where its weight is: while
+        # `segment_block` is None, `segment_where` is the index of its own float entry; once collapsed, the slot in
+        # that block. Flat lists of numbers keep the garbage collector out of the way on megabyte prompts.
         self.segment_first: list[int] = []
         self.segment_offset: list[int] = []
-        self.segment_where: list = []
+        self.segment_where: list[int] = []
+        self.segment_block: list[_Block | None] = []
         self.round_starts: list[int] = []  # entry index where each open bracket starts
         self.square_starts: list[int] = []
         self.start_new = True
@@ -146,6 +147,7 @@ class _Pieces:
     def _new_segment(self, text: str, weight: float, offset: int) -> None:
         self.entry_segment.append(len(self.segment_where))
         self.segment_where.append(len(self.entries))
+        self.segment_block.append(None)
         self.segment_first.append(len(self.texts))
         self.segment_offset.append(offset)
         self.texts.append(text)
@@ -233,14 +235,16 @@ class _Pieces:
                 block = entry
         if block is None:
             block = _Block()
+        slot = block.slot
+        segment_where, segment_block, entry_segment = self.segment_where, self.segment_block, self.entry_segment
         for index in range(low, high):
             entry = entries[index]
-            if entry is block:
-                continue
-            if isinstance(entry, _Block):
+            if entry.__class__ is float:
+                segment = entry_segment[index]
+                segment_where[segment] = slot(entry)
+                segment_block[segment] = block
+            elif entry is not block:
                 entry.merge_into(block)
-            else:
-                self.segment_where[self.entry_segment[index]] = (block, block.slot(entry))
         entries[low:high] = [block]
         self.entry_segment[low:high] = [-1]
         block.multiply(multiplier)
@@ -277,9 +281,10 @@ class _Pieces:
         merged: list[tuple[str, float]] = []
         run_first = 0
         run_weight = None
-        ends = [*self.segment_first[1:], len(self.texts)]
-        for first, end, offset, where in zip(self.segment_first, ends, self.segment_offset, self.segment_where):
-            weight = self.entries[where] if where.__class__ is int else _final_values(where[0])[where[1]]
+        for first, offset, where, block in zip(
+            self.segment_first, self.segment_offset, self.segment_where, self.segment_block
+        ):
+            weight = self.entries[where] if block is None else _final_values(block)[where]
             if not math.isfinite(weight):
                 raise AttentionSyntaxError(
                     self.text, offset, f"the text here gets the weight {weight} after multiplying its brackets' "

@@ -10,10 +10,12 @@ Pure Python; `a1111_emphasis` works on torch tensors without importing torch its
 """
 from __future__ import annotations
 
+import itertools
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 ROUND_MULTIPLIER = 1.1
 # A1111 multiplies by the reciprocal instead of dividing by 1.1; the two differ in the last bit for some weights.
@@ -22,21 +24,11 @@ MAX_NESTING = 64
 BREAK_TEXT = "BREAK"
 BREAK_WEIGHT = -1.0
 
-# One token of the attention grammar. The alternatives and their order follow A1111's tokenizer: a backslash
-# before one of `()[]\` is that literal character, any other backslash is dropped, `:N)` closes a round bracket
-# with an explicit weight, `:` on its own is text.
-_TOKEN = re.compile(
-    r"""
-    \\(?P<escaped>[()\[\]\\])
-    | (?P<backslash>\\)
-    | (?P<open>[(\[])
-    | :(?P<weight>[+-]?[.\d]+)\)
-    | (?P<close>[)\]])
-    | (?P<text>[^\\()\[\]:]+)
-    | (?P<colon>:)
-    """,
-    re.VERBOSE,
-)
+# The grammar's special tokens, in A1111's order of preference: a backslash before one of `()[]\` is that literal
+# character (any other backslash is dropped), an open bracket, `:N)` closing a round bracket with an explicit
+# weight, a close bracket, a lone colon. Everything between them is plain text. `split` with this capturing
+# pattern gives text and tokens alternately, much faster than a match per token.
+_DELIMITER = re.compile(r"(\\[()\[\]\\]?|[(\[]|:[+-]?[.\d]+\)|[)\]]|:)")
 _BREAK_WORD = re.compile(r"\bBREAK\b")
 
 
@@ -70,132 +62,287 @@ def _split_breaks(run: str) -> list[str]:
     return parts
 
 
-class _Pieces:
-    """Pieces grouped in segments: pieces added with no bracket event between them always share one weight."""
+class _Block:
+    """The distinct weights of pieces that share every future multiplication (the same brackets still open)."""
+
+    __slots__ = ("final", "forward", "index", "remap", "values")
 
     def __init__(self):
-        self.texts: list[list[str]] = []
-        self.weights: list[float] = []
-        self.offsets: list[int] = []
+        self.values: list[float] = []
+        self.index: dict | None = {}
+        self.forward: _Block | None = None  # set when merged into a bigger block
+        self.remap: list[int] = []  # slot here -> slot in `forward`
+        self.final: list[float] | None = None
+
+    def slot(self, weight: float) -> int:
+        """The slot holding `weight`, added if new."""
+        if self.index is None:
+            self.index = {_value_key(value): slot for slot, value in enumerate(self.values)}
+        key = _value_key(weight)
+        slot = self.index.get(key)
+        if slot is None:
+            slot = len(self.values)
+            self.values.append(weight)
+            self.index[key] = slot
+        return slot
+
+    def multiply(self, multiplier: float) -> None:
+        """Multiply every weight here, as closing a bracket around these pieces does."""
+        self.values = [value * multiplier for value in self.values]
+        self.index = None
+
+    def merge_into(self, bigger: _Block) -> None:
+        """Hand every weight to `bigger`, which from now on stands for this block too."""
+        self.remap = [bigger.slot(value) for value in self.values]
+        self.forward = bigger
+        self.values = []
+        self.index = None
+
+
+def _value_key(weight: float):
+    """Dictionary key telling equal weights apart only by sign of zero (0.0 == -0.0, but A1111 keeps the sign)."""
+    return weight if weight else repr(weight)
+
+
+def _final_values(block: _Block) -> list[float]:
+    """The final weights of a block's slots, following merges (iteratively, each block resolved once)."""
+    chain = []
+    while block.final is None and block.forward is not None:
+        chain.append(block)
+        block = block.forward
+    resolved = block.final if block.final is not None else block.values
+    for merged in reversed(chain):
+        merged.final = [resolved[slot] for slot in merged.remap]
+        resolved = merged.final
+    return resolved
+
+
+class _Pieces:
+    """A1111's list of weighted pieces and its bracket stacks, kept linear in time.
+
+    A1111 multiplies the weight of every piece since a bracket opened whenever it closes: quadratic, and slow
+    even at a nesting depth of 64. Here consecutive pieces with no bracket event between them form one segment,
+    and when a bracket closes, the entries since it opened (segments, or blocks of earlier ones) are collapsed
+    into one `_Block` of their distinct weights: those pieces now have the same brackets still open around them,
+    so they get the same multiplications from here on and each distinct weight is multiplied once. Multiplying
+    in A1111's order keeps the floats identical to A1111's.
+    """
+
+    def __init__(self, text: str):
+        self.text = text
+        self.entries: list = []  # per entry: a float (one segment's weight) or a _Block
+        self.entry_segment: list[int] = []  # the segment of a float entry, -1 for a block
+        self.texts: list[str] = []  # every piece's text, in order
+        # Per segment: its first piece in `texts`, its offset in the prompt, and where its weight is: while
+        # `segment_block` is None, `segment_where` is the index of its own float entry; once collapsed, the slot in
+        # that block. Flat lists of numbers keep the garbage collector out of the way on megabyte prompts.
+        self.segment_first: list[int] = []
+        self.segment_offset: list[int] = []
+        self.segment_where: list[int] = []
+        self.segment_block: list[_Block | None] = []
+        self.round_starts: list[int] = []  # entry index where each open bracket starts
+        self.square_starts: list[int] = []
         self.start_new = True
+
+    def _new_segment(self, text: str, weight: float, offset: int) -> None:
+        self.entry_segment.append(len(self.segment_where))
+        self.segment_where.append(len(self.entries))
+        self.segment_block.append(None)
+        self.segment_first.append(len(self.texts))
+        self.segment_offset.append(offset)
+        self.texts.append(text)
+        self.entries.append(weight)
 
     def add(self, text: str, offset: int) -> None:
         """Append a text piece of weight 1.0 (before the brackets around it are applied)."""
         if self.start_new:
-            self.texts.append([text])
-            self.weights.append(1.0)
-            self.offsets.append(offset)
+            self._new_segment(text, 1.0, offset)
             self.start_new = False
         else:
-            self.texts[-1].append(text)
-
-    def add_break(self, offset: int) -> None:
-        """Append a BREAK marker; the brackets around it multiply its weight of -1 like any other piece."""
-        self.texts.append([BREAK_TEXT])
-        self.weights.append(BREAK_WEIGHT)
-        self.offsets.append(offset)
-        self.start_new = True
+            self.texts.append(text)
 
     def add_run(self, run: str, offset: int) -> None:
-        """Append a run of plain text, cutting out whole-word BREAKs."""
+        """Append a run of plain text, cutting out whole-word BREAKs (weight -1, multiplied like any piece)."""
         if BREAK_TEXT not in run:
             self.add(run, offset)
             return
         for index, part in enumerate(_split_breaks(run)):
             if index:
-                self.add_break(offset)
+                self._new_segment(BREAK_TEXT, BREAK_WEIGHT, offset)
+                self.start_new = True
             self.add(part, offset)
 
-    def mark(self) -> int:
-        """Where a bracket opened now starts: it covers every piece added from here on until it closes."""
+    def open(self, bracket: str, offset: int) -> None:
+        """Open a round or square bracket, refusing nesting deeper than MAX_NESTING."""
+        if len(self.round_starts) + len(self.square_starts) >= MAX_NESTING:
+            raise AttentionSyntaxError(
+                self.text, offset, f"brackets nest deeper than {MAX_NESTING} levels",
+                r"close some brackets, or write \( and \[ for literal brackets",
+            )
+        (self.round_starts if bracket == "(" else self.square_starts).append(len(self.entries))
         self.start_new = True
-        return len(self.weights)
 
-    def multiply_from(self, start: int, multiplier: float) -> None:
-        """Multiply the weight of every segment from `start` on, as closing a bracket does in A1111."""
+    def close_round(self, multiplier: float) -> None:
+        """Close the innermost open round bracket: multiply the pieces inside it."""
+        self._close(self.round_starts.pop(), multiplier, self.square_starts)
+
+    def close_square(self) -> None:
+        """Close the innermost open square bracket: divide the pieces inside it by 1.1."""
+        self._close(self.square_starts.pop(), SQUARE_MULTIPLIER, self.round_starts)
+
+    def _close(self, start: int, multiplier: float, other_starts: list[int]) -> None:
         self.start_new = True
-        if start < len(self.weights):
-            self.weights[start:] = [weight * multiplier for weight in self.weights[start:]]
+        entries = self.entries
+        if len(entries) == start + 1 and (not other_starts or other_starts[-1] <= start) \
+                and entries[start].__class__ is float:
+            entries[start] *= multiplier  # the common `(word)`: nothing to collapse
+            return
+        # Brackets of the other kind opened inside this one and still open split its entries into stretches
+        # with different brackets still around them; each stretch collapses on its own.
+        inside = len(other_starts)
+        while inside and other_starts[inside - 1] > start:
+            inside -= 1
+        if inside == len(other_starts):
+            self._collapse_and_multiply(start, len(self.entries), multiplier)
+            return
+        bounds = [start, *other_starts[inside:], len(self.entries)]
+        new_lengths = [
+            self._collapse_and_multiply(bounds[i], bounds[i + 1], multiplier) for i in range(len(bounds) - 2, -1, -1)
+        ][::-1]
+        position = start
+        for i in range(inside, len(other_starts)):
+            position += new_lengths[i - inside]
+            other_starts[i] = position
+        for index in range(start, len(self.entries)):
+            if self.entry_segment[index] >= 0:
+                self.segment_where[self.entry_segment[index]] = index
+
+    def _collapse_and_multiply(self, low: int, high: int, multiplier: float) -> int:
+        """Multiply entries low..high-1, collapsed into one block when there are several; returns how many remain."""
+        entries = self.entries
+        if high - low == 1:
+            entry = entries[low]
+            if isinstance(entry, _Block):
+                entry.multiply(multiplier)
+            else:
+                entries[low] = entry * multiplier
+            return 1
+        if high == low:
+            return 0
+        block = None
+        for entry in entries[low:high]:
+            if isinstance(entry, _Block) and (block is None or len(entry.values) > len(block.values)):
+                block = entry
+        if block is None:
+            block = _Block()
+        slot = block.slot
+        segment_where, segment_block, entry_segment = self.segment_where, self.segment_block, self.entry_segment
+        for index in range(low, high):
+            entry = entries[index]
+            if entry.__class__ is float:
+                segment = entry_segment[index]
+                segment_where[segment] = slot(entry)
+                segment_block[segment] = block
+            elif entry is not block:
+                entry.merge_into(block)
+        entries[low:high] = [block]
+        self.entry_segment[low:high] = [-1]
+        block.multiply(multiplier)
+        return 1
+
+    def close_unclosed(self) -> None:
+        """Apply brackets left open, to the end of the text: A1111 applies round ones first, outermost first."""
+        bounds = sorted({0, len(self.entries), *self.round_starts, *self.square_starts})
+        for low, high in itertools.pairwise(bounds):
+            rounds = sum(1 for start in self.round_starts if start <= low)
+            squares = sum(1 for start in self.square_starts if start <= low)
+            if rounds or squares:
+                self._apply_unclosed(low, high, [ROUND_MULTIPLIER] * rounds + [SQUARE_MULTIPLIER] * squares)
+
+    def _apply_unclosed(self, low: int, high: int, multipliers: list[float]) -> None:
+        done: dict = {}  # entries in one stretch share the sequence: each distinct weight is computed once
+        for index in range(low, high):
+            entry = self.entries[index]
+            if isinstance(entry, _Block):
+                for multiplier in multipliers:
+                    entry.multiply(multiplier)
+                continue
+            key = _value_key(entry)
+            result = done.get(key)
+            if result is None:
+                result = entry
+                for multiplier in multipliers:
+                    result *= multiplier
+                done[key] = result
+            self.entries[index] = result
+
+    def weighted(self) -> list[tuple[str, float]]:
+        """The pieces with their final weights, neighbours of equal weight joined as A1111 does last."""
+        merged: list[tuple[str, float]] = []
+        run_first = 0
+        run_weight = None
+        for first, offset, where, block in zip(
+            self.segment_first, self.segment_offset, self.segment_where, self.segment_block
+        ):
+            weight = self.entries[where] if block is None else _final_values(block)[where]
+            if not math.isfinite(weight):
+                raise AttentionSyntaxError(
+                    self.text, offset, f"the text here gets the weight {weight} after multiplying its brackets' "
+                    "weights", "use smaller weights or fewer nested brackets",
+                )
+            if weight == run_weight and first:
+                continue
+            if first:
+                merged.append(("".join(self.texts[run_first:first]), run_weight))
+            run_first = first
+            run_weight = weight
+        if self.texts:
+            merged.append(("".join(self.texts[run_first:]), run_weight))
+        return merged or [("", 1.0)]
 
 
 def parse_attention(text: str) -> list[tuple[str, float]]:
     """Split A1111 prompt text into (text, weight) pieces exactly as A1111's parse_prompt_attention does."""
-    pieces = _Pieces()
-    round_starts: list[int] = []
-    square_starts: list[int] = []
-    for match in _TOKEN.finditer(text):
-        kind = match.lastgroup
-        offset = match.start()
-        if kind == "text":
-            pieces.add_run(match.group(), offset)
-        elif kind == "escaped":
-            pieces.add(match.group(kind), offset)
-        elif kind == "backslash":
-            pieces.add("", offset)
-        elif kind == "open":
-            if len(round_starts) + len(square_starts) >= MAX_NESTING:
-                raise AttentionSyntaxError(
-                    text, offset, f"brackets nest deeper than {MAX_NESTING} levels",
-                    r"close some brackets, or write \( and \[ for literal brackets",
-                )
-            starts = round_starts if match.group() == "(" else square_starts
-            starts.append(pieces.mark())
-        elif kind == "weight" and round_starts:
-            pieces.multiply_from(round_starts.pop(), _explicit_weight(text, match))
-        elif kind == "close" and match.group() == ")" and round_starts:
-            pieces.multiply_from(round_starts.pop(), ROUND_MULTIPLIER)
-        elif kind == "close" and match.group() == "]" and square_starts:
-            pieces.multiply_from(square_starts.pop(), SQUARE_MULTIPLIER)
+    pieces = _Pieces(text)
+    parts = _DELIMITER.split(text)
+    offset = 0
+    for index in range(0, len(parts), 2):
+        run = parts[index]
+        if run:
+            pieces.add_run(run, offset)
+            offset += len(run)
+        if index + 1 == len(parts):
+            break
+        token = parts[index + 1]
+        first = token[0]
+        if first == "\\":
+            pieces.add(token[1:], offset)  # an escaped character, or "" for a backslash before anything else
+        elif first == "(" or first == "[":
+            pieces.open(first, offset)
+        elif first == ":" and len(token) > 1 and pieces.round_starts:
+            pieces.close_round(_explicit_weight(text, token, offset))
+        elif first == ")" and pieces.round_starts:
+            pieces.close_round(ROUND_MULTIPLIER)
+        elif first == "]" and pieces.square_starts:
+            pieces.close_square()
         else:
             # A colon, a stray `)` or `]`, or `:N)` with no `(` open: plain text, as in A1111.
-            pieces.add_run(match.group(), offset)
-    # Unclosed brackets apply to the end of the text, outermost first, round ones before square ones.
-    for start in round_starts:
-        pieces.multiply_from(start, ROUND_MULTIPLIER)
-    for start in square_starts:
-        pieces.multiply_from(start, SQUARE_MULTIPLIER)
-    _check_finite(text, pieces)
-    return _merge_equal_weights(pieces)
+            pieces.add(token, offset)
+        offset += len(token)
+    pieces.close_unclosed()
+    return pieces.weighted()
 
 
-def _explicit_weight(text: str, match: re.Match) -> float:
+def _explicit_weight(text: str, token: str, offset: int) -> float:
     """The number in `(text:N)`; A1111 raises a bare ValueError on `1.2.3`, we say where and what to write."""
-    written = match.group("weight")
+    written = token[1:-1]
     try:
         return float(written)
     except ValueError:
         raise AttentionSyntaxError(
-            text, match.start("weight"), f"the weight {written!r} in '{match.group()}' is not a number",
-            "write a weight like (text:1.2), or \\: for a literal colon",
+            text, offset + 1, f"the weight {written!r} in '{token}' is not a number",
+            "write a weight like (text:1.2), or \\( and \\) for literal brackets",
         ) from None
-
-
-def _check_finite(text: str, pieces: _Pieces) -> None:
-    """Refuse a piece whose multiplied weight overflowed to infinity (or became NaN from inf x 0)."""
-    for weight, offset in zip(pieces.weights, pieces.offsets):
-        if not math.isfinite(weight):
-            raise AttentionSyntaxError(
-                text, offset, f"the text here gets the weight {weight} after multiplying its brackets' weights",
-                "use smaller weights or fewer nested brackets",
-            )
-
-
-def _merge_equal_weights(pieces: _Pieces) -> list[tuple[str, float]]:
-    """Join neighbouring pieces of equal weight, as A1111 does last; no pieces at all gives [("", 1.0)]."""
-    merged: list[tuple[str, float]] = []
-    run_texts: list[str] = []
-    run_weight = None
-    for texts, weight in zip(pieces.texts, pieces.weights):
-        if run_texts and weight == run_weight:
-            run_texts.extend(texts)
-            continue
-        if run_texts:
-            merged.append(("".join(run_texts), run_weight))
-        run_texts = list(texts)
-        run_weight = weight
-    if run_texts:
-        merged.append(("".join(run_texts), run_weight))
-    return merged or [("", 1.0)]
 
 
 def is_chunk_break(text: str, weight: float) -> bool:
@@ -216,17 +363,16 @@ class ComfyText(NamedTuple):
 # ComfyUI turns `\)` and `\(` into these pairs before parsing and back afterwards, so a NUL written before \x01 or
 # \x02 in the prompt would come out as a bracket.
 _NUL_COLLISION = re.compile("\x00+(?=[\x01\x02])")
-_COMFY_BRACKET = re.compile(r"([()])")
 
 
 def _comfy_literal_text(text: str) -> str:
     """Text that ComfyUI reads back character for character: round brackets escaped, other characters as is."""
-    return _COMFY_BRACKET.sub(r"\\\1", text)
+    return text.replace("(", "\\(").replace(")", "\\)")
 
 
 def _comfy_weight(weight: float) -> str:
     """A weight as ComfyUI text: 12 significant digits, so 1.2100000000000002 reads 1.21 (within 1e-12)."""
-    return "%.12g" % weight
+    return f"{weight:.12g}"
 
 
 def _strip_nul_collisions(text: str, warnings: list[str]) -> str:
@@ -244,30 +390,39 @@ def pieces_to_comfy(pieces: Sequence[tuple[str, float]]) -> ComfyText:
     warnings: list[str] = []
     out: list[str] = []
     breaks = 0
+    bracketed_break = False
+    written_weights: dict[float, str] = {}
     for text, weight in pieces:
         if is_chunk_break(text, weight):
             # ComfyUI's text has no chunk break; a space keeps the words on both sides apart.
             breaks += 1
             text, weight = " ", 1.0
         elif text == BREAK_TEXT and weight < 0:
-            warnings.append(
-                "BREAK inside brackets does not start a new chunk in A1111: it stays the word BREAK with a "
-                "negative weight; move it out of the brackets to break the prompt there."
-            )
-        text = _strip_nul_collisions(text, warnings)
+            bracketed_break = True
+        if "\x00" in text:
+            text = _strip_nul_collisions(text, warnings)
         if not text:
             continue  # no characters, no weights; `(:w)` would even read as literal text in ComfyUI
-        literal = _comfy_literal_text(text)
-        if weight == 1.0 and not literal.endswith("\\"):
-            out.append(literal)
-        else:
-            # A trailing backslash before a following `(` would turn it into ComfyUI's `\(` escape; inside a group
-            # the backslash is followed by `:` and stays literal, so weight-1 text ending in `\` is grouped too.
-            out.append(f"({literal}:{_comfy_weight(weight)})")
+        if "(" in text or ")" in text:
+            text = _comfy_literal_text(text)
+        if weight == 1.0 and not text.endswith("\\"):
+            out.append(text)
+            continue
+        # A trailing backslash before a following `(` would turn it into ComfyUI's `\(` escape; inside a group
+        # the backslash is followed by `:` and stays literal, so weight-1 text ending in `\` is grouped too.
+        written = written_weights.get(weight)
+        if written is None:
+            written = written_weights[weight] = _comfy_weight(weight)
+        out.append(f"({text}:{written})")
     if breaks:
         warnings.append(
             f"BREAK ({breaks}x) has no equivalent in ComfyUI prompt text and was replaced by a space; "
             "Astria Encode honours it (in plain ComfyUI, encode the parts separately and use Conditioning Concat)."
+        )
+    if bracketed_break:
+        warnings.append(
+            "BREAK inside brackets does not start a new chunk in A1111: it stays the word BREAK with a negative "
+            "weight; move it out of the brackets to break the prompt there."
         )
     return ComfyText("".join(out), list(dict.fromkeys(warnings)))
 

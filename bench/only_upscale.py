@@ -1,0 +1,212 @@
+"""Only-upscale benchmark: Astria Only Upscale (from prompt) vs the same job wired from ComfyUI's built-in nodes.
+
+Each graph runs in its own fresh ComfyUI process (main.py --cpu or on the GPU with --gpu), side by side in one run on
+the same machine, on the generated tiny SD1.5-layout checkpoint (random weights, full-size VAE and CLIP, so VAE and
+text-encoder costs are real; the UNet is small). Prints wall time of the queued graph, the server's peak RSS above
+its idle baseline, and the sampler steps run, then the ratios ours / built-ins. Never asserts.
+
+Usage: ASTRIA_CACHE=... python bench/only_upscale.py [--sizes 256 512] [--gpu] [--json out.json]
+(run with the host's python: $ASTRIA_CACHE/host-0.3.75/venv/bin/python, or through ./scripts/test's environment)
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("ASTRIA_CACHE", Path.home() / ".cache" / "comfyui-astria"))
+COMFY_DIR = Path(os.environ.get("COMFYUI_PATH", CACHE / "host-0.3.75" / "ComfyUI"))
+MODELS_DIR = Path(os.environ.get("ASTRIA_TEST_MODELS", CACHE / "models-v1"))
+CHECKPOINT = "tiny_sd15.safetensors"
+PROMPT = """masterpiece, best quality, highres, <lora:more_details:0.5> <lora:SDXLrender_v2.0:1> --only_upscale
+num_images=1
+negative_prompt=(worst quality, low quality, normal quality:2)
+seed=42
+steps=16
+cfg_scale=6.0
+denoising_strength=0.1
+scheduler=euler_a"""
+POSITIVE = "masterpiece, best quality, highres"
+NEGATIVE = "(worst quality, low quality, normal quality:2)"
+
+
+def free_port():
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_bytes(pid):
+    """Resident memory of a process and its children (Linux /proc)."""
+    total = 0
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids += [int(child) for child in children]
+    except OSError:
+        pass
+    for one in pids:
+        try:
+            match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{one}/status").read_text())
+            total += int(match.group(1)) * 1024 if match else 0
+        except OSError:
+            pass
+    return total
+
+
+def builtin_graph(image_name):
+    """ImageScaleBy -> VAEEncodeTiled -> KSampler (16 steps, denoise 0.1) -> VAEDecodeTiled, the usual wiring."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+        "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                                                     "lora_name": "tiny_sd15_lora.safetensors",
+                                                     "strength_model": 1.5, "strength_clip": 1.5}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": POSITIVE}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": NEGATIVE}},
+        "5": {"class_type": "LoadImage", "inputs": {"image": image_name}},
+        "6": {"class_type": "ImageScaleBy", "inputs": {"image": ["5", 0], "upscale_method": "lanczos",
+                                                       "scale_by": 2.0}},
+        "7": {"class_type": "VAEEncodeTiled", "inputs": {"pixels": ["6", 0], "vae": ["1", 2], "tile_size": 512,
+                                                         "overlap": 64, "temporal_size": 64,
+                                                         "temporal_overlap": 8}},
+        "8": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "positive": ["3", 0], "negative": ["4", 0],
+                                                   "latent_image": ["7", 0], "seed": 42, "steps": 16, "cfg": 6.0,
+                                                   "sampler_name": "euler_ancestral", "scheduler": "normal",
+                                                   "denoise": 0.1}},
+        "9": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["8", 0], "vae": ["1", 2], "tile_size": 512,
+                                                         "overlap": 64, "temporal_size": 64, "temporal_overlap": 8}},
+        "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "bench_builtin"}},
+    }
+
+
+def astria_graph(image_name):
+    """LoadImage -> Astria Prompt -> Astria Only Upscale (from prompt) -> SaveImage."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+        "2": {"class_type": "AstriaPrompt", "inputs": {"text": PROMPT}},
+        "5": {"class_type": "LoadImage", "inputs": {"image": image_name}},
+        "6": {"class_type": "AstriaOnlyUpscaleFromPrompt", "inputs": {
+            "image": ["5", 0], "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "astria_prompt": ["2", 0],
+            "scale": 2.0, "width": 0, "height": 0, "steps": 16, "denoise": 0.1, "cfg": 6.0,
+            "sampler_name": "euler_ancestral", "scheduler": "normal", "seed": 42, "tile_size": 512,
+            "color_fix": "wavelet", "step_semantics": "astria", "weighting": "from prompt"}},
+        "10": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "bench_astria"}},
+    }
+
+
+def write_input(folder, size):
+    """A smooth test picture of size x size px, saved as PNG in the server's input folder."""
+    import numpy as np
+    from PIL import Image
+
+    ys, xs = np.mgrid[0:size, 0:size] / size
+    picture = np.stack([ys, xs, (ys * xs)], axis=-1) * 255
+    Image.fromarray(picture.astype("uint8")).save(folder / "bench.png")
+    return "bench.png"
+
+
+def run_case(name, graph_for, size, use_gpu):
+    """Start a fresh ComfyUI, queue one graph, measure it, stop the server; returns the figures."""
+    work = Path(tempfile.mkdtemp(prefix=f"astria-bench-{name}-"))
+    dirs = {key: work / key for key in ("user", "input", "output", "temp")}
+    for folder in dirs.values():
+        folder.mkdir()
+    alias_folder = dirs["user"] / "default" / "astria"
+    alias_folder.mkdir(parents=True)
+    (alias_folder / "lora_aliases.json").write_text(json.dumps(
+        {"more_details": "tiny_sd15_lora.safetensors", "SDXLrender_v2.0": "tiny_sd15_lora.safetensors"}))
+    link_folder = work / "custom_nodes"
+    link_folder.mkdir()
+    (link_folder / "ComfyUI-Astria").symlink_to(PACK_ROOT, target_is_directory=True)
+    yaml = work / "paths.yaml"
+    kinds = ("checkpoints", "loras", "embeddings", "vae", "upscale_models", "controlnet")
+    yaml.write_text("bench:\n    base_path: %s\n%s\n    custom_nodes: %s\n" % (
+        MODELS_DIR, "\n".join(f"    {kind}: {kind}" for kind in kinds), link_folder))
+    image_name = write_input(dirs["input"], size)
+    port = free_port()
+    command = [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+               "--extra-model-paths-config", str(yaml), "--database-url", f"sqlite:///{dirs['user']}/db.sqlite"]
+    command += [] if use_gpu else ["--cpu"]
+    for key in ("user", "input", "output", "temp"):
+        command += [f"--{key}-directory", str(dirs[key])]
+    log = open(work / "log.txt", "wb")
+    process = subprocess.Popen(command, cwd=COMFY_DIR, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(url + "/system_stats", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(0.5)
+        baseline = rss_bytes(process.pid)
+        peak = [baseline]
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], rss_bytes(process.pid))
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        body = json.dumps({"prompt": graph_for(image_name), "client_id": uuid.uuid4().hex}).encode()
+        started = time.perf_counter()
+        request = urllib.request.Request(url + "/prompt", data=body, headers={"Content-Type": "application/json"})
+        prompt_id = json.loads(urllib.request.urlopen(request).read())["prompt_id"]
+        while True:
+            history = json.loads(urllib.request.urlopen(f"{url}/history/{prompt_id}").read())
+            if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
+                break
+            time.sleep(0.1)
+        elapsed = time.perf_counter() - started
+        done.set()
+        sampler.join()
+        status = history[prompt_id]["status"]["status_str"]
+        text = (work / "log.txt").read_text(errors="replace")
+        steps = [int(m) for m in re.findall(r"(\d+)/\d+ \[", text)]
+        return {"case": name, "size": size, "status": status, "seconds": elapsed,
+                "peak_rss_gb": (peak[0] - baseline) / 2**30, "sampler_steps": max(steps) if steps else None}
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="input sides in px (output is 2x)")
+    parser.add_argument("--gpu", action="store_true", help="run on the GPU (default: --cpu)")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    rows = []
+    for size in args.sizes:
+        for name, graph_for in (("built-ins", builtin_graph), ("astria", astria_graph)):
+            row = run_case(name, graph_for, size, args.gpu)
+            rows.append(row)
+            print(f"{size:>5}->{size * 2:<5} {name:<10} {row['status']:<8} {row['seconds']:8.1f} s  "
+                  f"peak +{row['peak_rss_gb']:.2f} GB  steps {row['sampler_steps']}", flush=True)
+    print("\nratios ours / built-ins (target: time <= 0.30, peak RSS <= 0.8)")
+    for size in args.sizes:
+        ours = next(r for r in rows if r["size"] == size and r["case"] == "astria")
+        base = next(r for r in rows if r["size"] == size and r["case"] == "built-ins")
+        print(f"{size:>5}->{size * 2:<5} time {ours['seconds'] / base['seconds']:.2f}x  "
+              f"peak RSS {ours['peak_rss_gb'] / max(base['peak_rss_gb'], 1e-9):.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -272,7 +272,8 @@ def only_upscale_advanced(schemas) -> Graph:
     g.link(2, 2, 7, "vae")
     g.link(5, 0, 7, "positive")
     g.link(5, 1, 7, "negative")
-    for slot, name in enumerate(["steps", "seed", "cfg", "denoise", "sampler_name", "scheduler", "width", "height"]):
+    # sampler_name/scheduler stay widgets here: the host refuses a V1 list-typed output into a V3 COMBO input.
+    for slot, name in [(0, "steps"), (1, "seed"), (2, "cfg"), (3, "denoise"), (6, "width"), (7, "height")]:
         g.link(6, slot, 7, name)
     g.link(7, 0, 8, "images")
     # The same pass by hand: resize, tiled encode, KSampler, tiled decode (ComfyUI's step semantics, no colour fix).

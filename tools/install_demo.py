@@ -51,10 +51,12 @@ def install(comfy: Path, models: Path) -> list[str]:
     alias_path = comfy / ALIAS_SUBPATH
     existing = read_aliases(alias_path)
     aliases = merged_aliases(existing)
+    added = [name for name in DOCS_LORA_NAMES if name not in existing]
     if aliases != existing:
         alias_path.parent.mkdir(parents=True, exist_ok=True)
         alias_path.write_text(json.dumps(aliases, indent=2) + "\n", encoding="utf-8")
-        done.append(f"LoRA aliases {', '.join(DOCS_LORA_NAMES)} -> {DEMO_LORA} in {alias_path}")
+    if added:
+        done.append(f"LoRA aliases {', '.join(added)} -> {DEMO_LORA} added to {alias_path}")
     target = comfy / "input" / EXAMPLE_INPUT.name
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,20 @@
-"""Server routes under /astria/...: what the frontend's live preview asks the Python side."""
+"""Server routes under /astria/...: what the frontend's live preview asks the Python side.
+
+The preview parses with the same Python parser, settings mapper and LoRA resolver the nodes run, so what the
+preview shows and what a run does can never disagree. Answers carry relative LoRA names only, never paths.
+"""
+import asyncio
 import logging
+import math
+
+from aiohttp import web
+
+from ..core import settings, spec_tables, syntax
+from . import lora
 
 _registered = False
+MAX_PROMPT_CHARS = 1_000_000  # the parser is linear; this only stops a runaway client from sending gigabytes
+MAX_NAME_CHARS = 1_000
 
 
 def register() -> None:
@@ -22,4 +35,120 @@ def register() -> None:
     logging.getLogger("astria").debug("registered %d /astria routes", len(ROUTES))
 
 
-ROUTES: list = []
+def json_safe(value):
+    """The value with non-finite floats as text, so browsers' JSON.parse accepts the answer."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def syntax_error_report(error: syntax.AstriaSyntaxError) -> dict:
+    """The parse answer for a refused prompt: the message with its line and column (1-based) and the fix."""
+    return {"ok": False, "error": {"message": str(error), "line": error.line, "column": error.column,
+                                   "problem": error.problem, "fix": error.fix}}
+
+
+def note_kind(detail: str) -> str:
+    """Which group a not-applied note belongs to in the preview: `remote_only`, `unknown` or `not_applied`."""
+    if detail == spec_tables.REMOTE_ONLY_REASON:
+        return "remote_only"
+    if detail in (spec_tables.UNKNOWN_PARAM_REASON, spec_tables.UNKNOWN_FLAG_REASON):
+        return "unknown"
+    return "not_applied"
+
+
+def settings_report(prompt: syntax.AstriaPrompt) -> dict:
+    """The local run's settings and the applied / not-applied account, or why it cannot run locally."""
+    try:
+        understood = settings.sampler_settings(prompt, settings.SamplerDefaults())
+    except settings.AstriaSettingsError as error:
+        return {"settings_error": str(error), "settings": None, "applied": [], "not_applied": [], "notices": []}
+    return {
+        "settings_error": None,
+        "settings": {
+            "steps": understood.steps, "steps_to_run": understood.steps_to_run, "denoise": understood.denoise,
+            "cfg": understood.cfg, "sampler_name": understood.sampler_name, "scheduler": understood.scheduler,
+            "seed": understood.seed if prompt.is_set("seed") else None, "num_images": understood.num_images,
+            "width": understood.width, "height": understood.height, "weighting": understood.weighting,
+            "control_strength": understood.control_strength,
+        },
+        "applied": [{"item": note.item, "detail": note.detail} for note in understood.applied],
+        "not_applied": [{"item": note.item, "detail": note.detail, "kind": note_kind(note.detail)}
+                        for note in understood.not_applied],
+        "notices": list(understood.notices),
+    }
+
+
+def parse_report(text: str) -> dict:
+    """What POST /astria/parse answers for a prompt block: the parse, each LoRA's resolution, the settings."""
+    try:
+        prompt = syntax.parse_prompt(text)
+    except syntax.AstriaSyntaxError as error:
+        return syntax_error_report(error)
+    loras = [{**lora.resolve_for_route(name), "weight": weight} for name, weight in prompt.loras]
+    report = {
+        "ok": True,
+        "positive": prompt.positive,
+        "negative": prompt.negative_prompt,
+        "loras": loras,
+        "faceids": [{"name": name, "weight": weight} for name, weight in prompt.faceids],
+        "flags": dict(prompt.flags),
+        "params": dict(prompt.params),
+        "warnings": list(prompt.warnings),
+        **settings_report(prompt),
+    }
+    return json_safe(report)
+
+
+def bad_request(message: str, status: int = 400) -> web.Response:
+    """A JSON error answer the frontend shows as it is."""
+    return web.json_response({"ok": False, "error": {"message": message}}, status=status)
+
+
+async def parse_route(request: web.Request) -> web.Response:
+    """POST /astria/parse with {"text": "..."}: the parse report (a syntax error is a 200 answer with ok false)."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return bad_request('send a JSON body like {"text": "a prompt"}')
+    text = body.get("text") if isinstance(body, dict) else None
+    if not isinstance(text, str):
+        return bad_request('the JSON body needs a "text" string: {"text": "a prompt"}')
+    if len(text) > MAX_PROMPT_CHARS:
+        return bad_request(f"the prompt is {len(text)} characters; the preview parses at most {MAX_PROMPT_CHARS}",
+                           status=413)
+    # A long paste must not stall the server's event loop (it also carries the progress websocket).
+    return web.json_response(await asyncio.to_thread(parse_report, text))
+
+
+async def loras_route(request: web.Request) -> web.Response:
+    """GET /astria/loras: the loras folder's relative names and the user's aliases."""
+    return web.json_response(await asyncio.to_thread(lora.loras_listing))
+
+
+async def resolve_route(request: web.Request) -> web.Response:
+    """GET /astria/resolve?name=NAME: which file a `<lora:NAME>` tag loads, or why none, with the closest names."""
+    name = request.query.get("name", "")
+    if not name:
+        return bad_request("add the LoRA name to resolve: /astria/resolve?name=more_details")
+    if len(name) > MAX_NAME_CHARS:
+        return bad_request(f"the LoRA name is {len(name)} characters; at most {MAX_NAME_CHARS} are resolved")
+    return web.json_response(await asyncio.to_thread(lora.resolve_for_route, name))
+
+
+async def spec_route(request: web.Request) -> web.Response:
+    """GET /astria/spec: the spec's tables (flag kinds, parameter types, scheduler map) from nodes/core."""
+    return web.json_response(spec_tables.as_json())
+
+
+ROUTES: list = [
+    ("POST", "/astria/parse", parse_route),
+    ("GET", "/astria/loras", loras_route),
+    ("GET", "/astria/resolve", resolve_route),
+    ("GET", "/astria/spec", spec_route),
+]
+"""(method, path, handler) of every route; register() adds each to PromptServer (also served under /api)."""

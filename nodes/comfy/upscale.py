@@ -14,7 +14,7 @@ from . import vae_tiling
 from ._api import io
 from .encode import encode_prompt
 from .lora import apply_prompt_loras
-from .types import AstriaPromptType
+from .types import AstriaPromptType, ListTypedCombo
 
 log = logging.getLogger("astria")
 SEED_MAX = 2**32 - 1  # Astria's seed range
@@ -101,9 +101,9 @@ def upscale_widget_inputs():
                        tooltip="How much to repaint (Astria's denoising_strength): 0.1 adds detail, 0 only resizes."),
         io.Float.Input("cfg", default=6.0, min=0.0, max=30.0, step=0.1,
                        tooltip="Classifier-free guidance (Astria's cfg_scale)."),
-        io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler_ancestral",
+        ListTypedCombo("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler_ancestral",
                        tooltip="Sampler (Astria's euler_a = euler_ancestral)."),
-        io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal",
+        ListTypedCombo("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal",
                        tooltip="Noise schedule (Astria's schedulers map to normal or karras)."),
         io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True,
                      tooltip="Noise seed (0 to 2^32-1, Astria's range); used when the prompt sets no seed."),

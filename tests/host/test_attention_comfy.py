@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from comfyui_astria.nodes.core.attention import (
     AttentionSyntaxError,
     comfy_literal,
@@ -18,8 +21,6 @@ from comfyui_astria.nodes.core.attention import (
     parse_attention,
     to_comfy,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 DEFAULT_COMFYUI = Path.home() / ".cache" / "comfyui-astria" / "host-0.3.75" / "ComfyUI"
 

@@ -4,6 +4,9 @@ import random
 import re
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from comfyui_astria.nodes.core import attention
 from comfyui_astria.nodes.core.attention import (
     CHUNK_BREAK,
@@ -15,8 +18,6 @@ from comfyui_astria.nodes.core.attention import (
     parse_attention,
     to_comfy,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 # ---------------------------------------------------------------------------------------------------------------
 # TEST ORACLE (not product code): a plain re-statement of AUTOMATIC1111's `parse_prompt_attention`

@@ -3,11 +3,10 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="tiling is torch code; run with the ComfyUI host venv's python")
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from comfyui_astria.nodes.core import multidiffusion as md  # noqa: E402
-from comfyui_astria.nodes.core.tiling import Tile, latent_tile_plan, tile_plan  # noqa: E402
+from comfyui_astria.nodes.core import multidiffusion as md
+from comfyui_astria.nodes.core.tiling import Tile, latent_tile_plan, tile_plan
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def weight_sum(plan):

@@ -80,33 +80,46 @@ class _Activation:
     def of(cls, tensor: torch.Tensor, settings: _Settings) -> _Activation:
         """Wrap an input tensor (kept float32) and gather its sums."""
         act = cls(*tensor.shape, settings, storage=tensor.to(settings.device, torch.float32, copy=True))
-        act.sums += act.data.sum(dim=(2, 3), dtype=torch.float64)
-        act.squares += act.data.square().sum(dim=(2, 3), dtype=torch.float64)
+        act._add_stats(act.data)
         return act
 
+    def _add_stats(self, tile: torch.Tensor) -> None:
+        # one fused pass per tile (var_mean), combined across tiles as sums in float64
+        var, mean = torch.var_mean(tile if tile.dtype == torch.float32 else tile.float(), dim=(2, 3), correction=0)
+        count = tile.shape[2] * tile.shape[3]
+        mean64 = mean.to(torch.float64)
+        self.sums += mean64 * count
+        self.squares += (var.to(torch.float64) + mean64.square()) * count
+
     def write(self, rows: slice, cols: slice, tile: torch.Tensor) -> None:
-        """Store a tile and add it to the channel sums (taken in float32 before any rounding to storage)."""
-        tile32 = tile.to(torch.float32)
-        self.sums += tile32.sum(dim=(2, 3), dtype=torch.float64)
-        self.squares += tile32.square().sum(dim=(2, 3), dtype=torch.float64)
-        if self.data.dtype == torch.float16 and not bool(tile32.abs().max() < _FP16_SAFE):
+        """Store a tile and add it to the channel sums (taken before any rounding to storage)."""
+        self._add_stats(tile)
+        whole = (rows.stop - rows.start, cols.stop - cols.start) == self.shape[2:]
+        if whole and self.data is not None and self.data.dtype == torch.float32 and tile.dtype == torch.float32:
+            self.data = tile  # one tile covers the layer: keep it, no copy
+            return
+        if self.data.dtype == torch.float16 and not bool(tile.abs().max() < _FP16_SAFE):
             self.data = self.data.to(torch.float32)  # e.g. SDXL's VAE: values beyond float16, keep exact
-        self.data[:, :, rows, cols] = tile32.to(self.data.dtype)
+        self.data[:, :, rows, cols] = tile
 
     def read(self, rows: slice, cols: slice, dtype: torch.dtype) -> torch.Tensor:
         """A region in the compute dtype."""
         return self.data[:, :, rows, cols].to(dtype)
 
-    def group_stats(self, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per (batch, channel) mean and 1/std of the GroupNorm groups over the whole image."""
+    def group_stats(self, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per (batch, channel) scale and shift that apply `norm` (GroupNorm) with whole-image statistics."""
+        groups, eps = norm.num_groups, norm.eps
         b, c, h, w = self.shape
         count = (c // groups) * h * w
         mean = self.sums.view(b, groups, -1).sum(-1) / count
         var = (self.squares.view(b, groups, -1).sum(-1) / count - mean.square()).clamp_min(0)
         inv_std = torch.rsqrt(var + eps)
         per_channel = c // groups
-        return (mean.repeat_interleave(per_channel, 1)[:, :, None, None],
-                inv_std.repeat_interleave(per_channel, 1)[:, :, None, None])
+        weight = norm.weight.detach().to(self.device, torch.float64)
+        bias = norm.bias.detach().to(self.device, torch.float64)
+        scale = inv_std.repeat_interleave(per_channel, 1) * weight
+        shift = bias - mean.repeat_interleave(per_channel, 1) * scale
+        return scale[:, :, None, None].float(), shift[:, :, None, None].float()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -191,10 +204,8 @@ def _crop(tile: torch.Tensor, top: int, bottom: int, left: int, right: int) -> t
 
 def _norm(tile: torch.Tensor, norm, stats) -> torch.Tensor:
     """GroupNorm of a tile with whole-image statistics and the module's affine weights."""
-    mean, inv_std = stats
-    weight = norm.weight.to(tile.device, tile.dtype)[None, :, None, None]
-    bias = norm.bias.to(tile.device, tile.dtype)[None, :, None, None]
-    return (tile - mean.to(tile.dtype)) * (inv_std.to(tile.dtype) * weight) + bias
+    scale, shift = stats
+    return torch.addcmul(shift.to(tile.dtype), tile, scale.to(tile.dtype))  # tile * scale + shift in one pass
 
 
 def _norm_silu(tile: torch.Tensor, norm, stats) -> torch.Tensor:
@@ -216,7 +227,7 @@ def _same_layer(source: _Activation, out_channels: int, settings: _Settings, com
         grown_cols, left, right = _grow(cols, halo, w)
         tile = _crop(compute(source.read(grown_rows, grown_cols, settings.dtype)), top, bottom, left, right)
         if extra is not None:
-            tile = tile + extra(rows, cols)
+            tile = tile.add_(extra(rows, cols)) if tile.is_contiguous() else tile + extra(rows, cols)
         out.write(rows, cols, tile)
         settings.advance()
     return out
@@ -227,13 +238,13 @@ def _conv(source: _Activation, conv, settings: _Settings) -> _Activation:
 
 
 def _norm_conv(source: _Activation, norm, conv, settings: _Settings) -> _Activation:
-    stats = source.group_stats(norm.num_groups, norm.eps)
+    stats = source.group_stats(norm)
     return _same_layer(source, conv.out_channels, settings, lambda t: conv(_norm_silu(t, norm, stats)), _halo(conv))
 
 
 def _resnet(source: _Activation, block, settings: _Settings) -> _Activation:
     hidden = _norm_conv(source, block.norm1, block.conv1, settings)
-    stats = hidden.group_stats(block.norm2.num_groups, block.norm2.eps)
+    stats = hidden.group_stats(block.norm2)
     shortcut = _shortcut(block)
 
     def compute(tile):
@@ -257,7 +268,7 @@ def _resnet(source: _Activation, block, settings: _Settings) -> _Activation:
 def _attention(source: _Activation, block, settings: _Settings) -> _Activation:
     """Global self-attention over all positions, exact, with queries in chunks and keys/values kept whole."""
     b, c, h, w = source.shape
-    stats = source.group_stats(block.norm.num_groups, block.norm.eps)
+    stats = source.group_stats(block.norm)
     keys = torch.empty(b, 1, h * w, c, dtype=settings.dtype, device=settings.device)
     values = torch.empty_like(keys)
     side = _side(settings, c)

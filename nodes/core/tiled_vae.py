@@ -84,12 +84,11 @@ class _Activation:
         return act
 
     def _add_stats(self, tile: torch.Tensor) -> None:
-        # one fused pass per tile (var_mean), combined across tiles as sums in float64
-        var, mean = torch.var_mean(tile if tile.dtype == torch.float32 else tile.float(), dim=(2, 3), correction=0)
-        count = tile.shape[2] * tile.shape[3]
-        mean64 = mean.to(torch.float64)
-        self.sums += mean64 * count
-        self.squares += (var.to(torch.float64) + mean64.square()) * count
+        # sum and vector_norm are single fast passes (var_mean is ~6x slower on CPU); float32 per tile, float64
+        # across tiles
+        tile = tile if tile.dtype == torch.float32 else tile.float()
+        self.sums += tile.sum(dim=(2, 3)).to(torch.float64)
+        self.squares += torch.linalg.vector_norm(tile, dim=(2, 3)).to(torch.float64).square()
 
     def write(self, rows: slice, cols: slice, tile: torch.Tensor) -> None:
         """Store a tile and add it to the channel sums (taken before any rounding to storage)."""

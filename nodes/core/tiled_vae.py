@@ -1,0 +1,496 @@
+"""Exact tiled VAE encode/decode in one pass: the network runs layer by layer, each layer over spatial tiles.
+
+Every 3x3 conv sees its true neighbours (a 1-px halo per conv, the image border zero-padded as the module does),
+every GroupNorm uses statistics of the whole image (per-channel sums gathered while the previous layer's tiles
+are written), and the mid-block self-attention runs over the whole image in query chunks. So the result equals
+the untiled one up to float rounding, with almost no extra compute; memory is the full activation between two
+layers (float16 when large and finite, else float32) instead of every intermediate of the untiled graph.
+
+Works on the host's `first_stage_model` by duck typing (SD1.x/SD2/SDXL/SD3/Flux-shaped AutoencoderKL:
+`encoder`/`decoder` made of conv_in, ResnetBlocks, AttnBlocks, Down/Upsample, norm_out, conv_out). Anything else
+raises `UnsupportedVAE` so the caller can fall back to the host's tiled path. Imports nothing from ComfyUI.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_TILE_ELEMENTS = 128 * 512 * 512
+"""Per-tile budget in activation elements (channels x height x width): a 512 px tile at the 128-channel layers.
+Tiles this size keep conv efficiency at the untiled level while the 1-px halo costs under 1%."""
+SMALL_ACTIVATION_BYTES = 256 * 2**20
+"""Activations below this stay float32; larger ones are stored as float16 when every value fits."""
+ATTENTION_SCORE_ELEMENTS = 2**24
+"""Attention scores held at once (queries x keys): 64 MiB in float32."""
+_FP16_SAFE = 60000.0  # float16 tops out at 65504; keep margin so later sums in the tile stay finite
+
+
+class UnsupportedVAE(Exception):
+    """The VAE is not an AutoencoderKL shape this module knows; use the host's own tiled encode/decode."""
+
+
+class TiledVAECancelled(Exception):
+    """Raised when `should_cancel()` answers True between tiles."""
+
+
+@dataclass
+class _Settings:
+    device: torch.device
+    dtype: torch.dtype
+    tile_elements: int
+    storage_dtype: torch.dtype | None
+    should_cancel: Callable[[], bool] | None
+    progress: Callable[[int, int], None] | None
+    done: int = 0
+    total: int = 0
+
+    def tick(self) -> None:
+        if self.should_cancel is not None and self.should_cancel():
+            raise TiledVAECancelled("Tiled VAE was cancelled.")
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+class _Activation:
+    """A full (B, C, H, W) activation kept between layers, with per-channel sums for the next GroupNorm."""
+
+    def __init__(self, batch: int, channels: int, height: int, width: int, settings: _Settings,
+                 storage: torch.Tensor | None = None):
+        self.shape = (batch, channels, height, width)
+        self.device = settings.device
+        if storage is not None:
+            self.data = storage
+        else:
+            dtype = settings.storage_dtype
+            if dtype is None:
+                small = batch * channels * height * width * 4 <= SMALL_ACTIVATION_BYTES
+                dtype = torch.float32 if small else torch.float16
+            self.data = torch.empty(self.shape, dtype=dtype, device=settings.device)
+        self.sums = torch.zeros(batch, channels, dtype=torch.float64, device=settings.device)
+        self.squares = torch.zeros(batch, channels, dtype=torch.float64, device=settings.device)
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor, settings: _Settings) -> _Activation:
+        """Wrap an input tensor (kept float32) and gather its sums."""
+        act = cls(*tensor.shape, settings, storage=tensor.to(settings.device, torch.float32, copy=True))
+        act._add_stats(act.data)
+        return act
+
+    def _add_stats(self, tile: torch.Tensor) -> None:
+        # sum and vector_norm are single fast passes (var_mean is ~6x slower on CPU); float32 per tile, float64
+        # across tiles
+        tile = tile if tile.dtype == torch.float32 else tile.float()
+        self.sums += tile.sum(dim=(2, 3)).to(torch.float64)
+        self.squares += torch.linalg.vector_norm(tile, dim=(2, 3)).to(torch.float64).square()
+
+    def write(self, rows: slice, cols: slice, tile: torch.Tensor) -> None:
+        """Store a tile and add it to the channel sums (taken before any rounding to storage)."""
+        self._add_stats(tile)
+        whole = (rows.stop - rows.start, cols.stop - cols.start) == self.shape[2:]
+        if whole and self.data is not None and self.data.dtype == torch.float32 and tile.dtype == torch.float32:
+            self.data = tile  # one tile covers the layer: keep it, no copy
+            return
+        if self.data.dtype == torch.float16 and not bool(tile.abs().max() < _FP16_SAFE):
+            self.data = self.data.to(torch.float32)  # e.g. SDXL's VAE: values beyond float16, keep exact
+        self.data[:, :, rows, cols] = tile
+
+    def read(self, rows: slice, cols: slice, dtype: torch.dtype) -> torch.Tensor:
+        """A region in the compute dtype."""
+        return self.data[:, :, rows, cols].to(dtype)
+
+    def group_stats(self, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per (batch, channel) scale and shift that apply `norm` (GroupNorm) with whole-image statistics."""
+        groups, eps = norm.num_groups, norm.eps
+        b, c, h, w = self.shape
+        count = (c // groups) * h * w
+        mean = self.sums.view(b, groups, -1).sum(-1) / count
+        var = (self.squares.view(b, groups, -1).sum(-1) / count - mean.square()).clamp_min(0)
+        inv_std = torch.rsqrt(var + eps)
+        per_channel = c // groups
+        weight = norm.weight.detach().to(self.device, torch.float64)
+        bias = norm.bias.detach().to(self.device, torch.float64)
+        scale = inv_std.repeat_interleave(per_channel, 1) * weight
+        shift = bias - mean.repeat_interleave(per_channel, 1) * scale
+        return scale[:, :, None, None].float(), shift[:, :, None, None].float()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# module checks (duck typing; no ComfyUI import)
+
+
+def _require(condition: bool, what: str) -> None:
+    if not condition:
+        raise UnsupportedVAE(f"Unsupported VAE layer: {what}. Falling back to the host's tiled VAE is needed.")
+
+
+def _is_conv(module, kernel: int, stride: int = 1) -> bool:
+    return (isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (kernel, kernel)
+            and tuple(module.stride) == (stride, stride) and tuple(module.dilation) == (1, 1)
+            and module.groups == 1 and module.padding_mode == "zeros")
+
+
+def _check_same_conv(module, name: str) -> None:
+    _require(_is_conv(module, 3) and tuple(module.padding) == (1, 1)
+             or _is_conv(module, 1) and tuple(module.padding) == (0, 0), f"{name} is not a 3x3/1x1 same conv")
+
+
+def _check_norm(module, name: str) -> None:
+    _require(isinstance(module, torch.nn.GroupNorm) and module.affine, f"{name} is not an affine GroupNorm")
+
+
+def _check_resnet(block, name: str) -> None:
+    _require(all(hasattr(block, a) for a in ("norm1", "conv1", "norm2", "conv2")), f"{name} is not a ResnetBlock")
+    _require(getattr(block, "temb_proj", None) is None, f"{name} uses a timestep embedding")
+    for part in ("norm1", "norm2"):
+        _check_norm(getattr(block, part), f"{name}.{part}")
+    for part in ("conv1", "conv2"):
+        _check_same_conv(getattr(block, part), f"{name}.{part}")
+    shortcut = _shortcut(block)
+    if shortcut is not None:
+        _check_same_conv(shortcut, f"{name} shortcut")
+
+
+def _shortcut(block):
+    if block.in_channels == block.out_channels:
+        return None
+    return block.conv_shortcut if getattr(block, "use_conv_shortcut", False) else block.nin_shortcut
+
+
+def _check_attention(block, name: str) -> None:
+    _require(all(hasattr(block, a) for a in ("norm", "q", "k", "v", "proj_out")), f"{name} is not an AttnBlock")
+    _check_norm(block.norm, f"{name}.norm")
+    for part in ("q", "k", "v", "proj_out"):
+        _require(_is_conv(getattr(block, part), 1), f"{name}.{part} is not a 1x1 conv")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tiled layers
+
+
+def _tiles(height: int, width: int, side: int):
+    """Output regions (rows, cols) of at most side x side covering height x width, even sides where possible."""
+    side = max(2, side - side % 2)
+    for y in range(0, height, side):
+        for x in range(0, width, side):
+            yield slice(y, min(y + side, height)), slice(x, min(x + side, width))
+
+
+def _side(settings: _Settings, channels: int) -> int:
+    return max(16, int(math.sqrt(settings.tile_elements / max(1, channels))))
+
+
+def _count(height: int, width: int, side: int) -> int:
+    side = max(2, side - side % 2)
+    return math.ceil(height / side) * math.ceil(width / side)
+
+
+def _grow(region: slice, halo: int, limit: int) -> tuple[slice, int, int]:
+    """The region widened by `halo` on both sides within [0, limit), and how much was added before / after."""
+    start, stop = max(0, region.start - halo), min(limit, region.stop + halo)
+    return slice(start, stop), region.start - start, stop - region.stop
+
+
+def _crop(tile: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+    return tile[:, :, top:tile.shape[2] - bottom, left:tile.shape[3] - right]
+
+
+def _norm(tile: torch.Tensor, norm, stats) -> torch.Tensor:
+    """GroupNorm of a tile with whole-image statistics and the module's affine weights."""
+    scale, shift = stats
+    return torch.addcmul(shift.to(tile.dtype), tile, scale.to(tile.dtype))  # tile * scale + shift in one pass
+
+
+def _norm_silu(tile: torch.Tensor, norm, stats) -> torch.Tensor:
+    return F.silu(_norm(tile, norm, stats), inplace=True)
+
+
+def _halo(conv) -> int:
+    return conv.kernel_size[0] // 2
+
+
+def _same_layer(source: _Activation, out_channels: int, settings: _Settings, compute, halo: int,
+                extra: Callable | None = None, target: _Activation | None = None) -> _Activation:
+    """out[region] = compute(source[region + halo])[cropped] (+ extra(region)), tile by tile, written to target."""
+    b, c, h, w = source.shape
+    out = target or _Activation(b, out_channels, h, w, settings)
+    for rows, cols in _tiles(h, w, _side(settings, max(c, out_channels))):
+        settings.tick()
+        grown_rows, top, bottom = _grow(rows, halo, h)
+        grown_cols, left, right = _grow(cols, halo, w)
+        tile = _crop(compute(source.read(grown_rows, grown_cols, settings.dtype)), top, bottom, left, right)
+        if extra is not None:
+            tile = tile.add_(extra(rows, cols)) if tile.is_contiguous() else tile + extra(rows, cols)
+        out.write(rows, cols, tile)
+        settings.advance()
+    return out
+
+
+def _conv(source: _Activation, conv, settings: _Settings) -> _Activation:
+    return _same_layer(source, conv.out_channels, settings, conv, _halo(conv))
+
+
+def _norm_conv(source: _Activation, norm, conv, settings: _Settings) -> _Activation:
+    stats = source.group_stats(norm)
+    return _same_layer(source, conv.out_channels, settings, lambda t: conv(_norm_silu(t, norm, stats)), _halo(conv))
+
+
+def _resnet(source: _Activation, block, settings: _Settings) -> _Activation:
+    hidden = _norm_conv(source, block.norm1, block.conv1, settings)
+    stats = hidden.group_stats(block.norm2)
+    shortcut = _shortcut(block)
+
+    def compute(tile):
+        return block.conv2(_norm_silu(tile, block.norm2, stats))
+
+    if shortcut is None:
+        # out[region] needs source only at region, so it can overwrite source in place tile by tile
+        target = _Activation(*source.shape, settings, storage=source.data)
+        out = _same_layer(hidden, block.out_channels, settings, compute, _halo(block.conv2),
+                          extra=lambda r, c: source.read(r, c, settings.dtype), target=target)
+        source.data = None
+        return out
+    if _halo(shortcut) == 0:
+        short = lambda r, c: shortcut(source.read(r, c, settings.dtype))
+    else:
+        short_act = _conv(source, shortcut, settings)
+        short = lambda r, c: short_act.read(r, c, settings.dtype)
+    return _same_layer(hidden, block.out_channels, settings, compute, _halo(block.conv2), extra=short)
+
+
+def _attention(source: _Activation, block, settings: _Settings) -> _Activation:
+    """Global self-attention over all positions, exact, with queries in chunks and keys/values kept whole."""
+    b, c, h, w = source.shape
+    stats = source.group_stats(block.norm)
+    keys = torch.empty(b, 1, h * w, c, dtype=settings.dtype, device=settings.device)
+    values = torch.empty_like(keys)
+    side = _side(settings, c)
+    for rows, cols in _tiles(h, w, side):
+        settings.tick()
+        normed = _norm(source.read(rows, cols, settings.dtype), block.norm, stats)
+        index = _flat_index(rows, cols, w, settings.device)
+        keys[:, 0, index] = block.k(normed).flatten(2).transpose(1, 2)
+        values[:, 0, index] = block.v(normed).flatten(2).transpose(1, 2)
+        settings.advance()
+    chunk = max(1, ATTENTION_SCORE_ELEMENTS // (h * w))
+
+    def compute(tile):
+        normed = _norm(tile, block.norm, stats)
+        queries = block.q(normed).flatten(2).transpose(1, 2)[:, None]
+        parts = [F.scaled_dot_product_attention(queries[:, :, i:i + chunk], keys, values)
+                 for i in range(0, queries.shape[2], chunk)]
+        attended = torch.cat(parts, dim=2)[:, 0].transpose(1, 2).reshape(tile.shape)
+        return tile + block.proj_out(attended)
+
+    # out[region] needs source only at region (keys and values are already whole), so overwrite it in place
+    out = _same_layer(source, c, settings, compute, 0, target=_Activation(*source.shape, settings, source.data))
+    source.data = None
+    return out
+
+
+def _flat_index(rows: slice, cols: slice, width: int, device) -> torch.Tensor:
+    r = torch.arange(rows.start, rows.stop, device=device)
+    c = torch.arange(cols.start, cols.stop, device=device)
+    return (r[:, None] * width + c[None, :]).flatten()
+
+
+def _upsample(source: _Activation, module, settings: _Settings) -> _Activation:
+    """Nearest 2x then a 3x3 conv: low-res tiles with a 1-px halo, output cropped by 2 px per halo pixel."""
+    b, c, h, w = source.shape
+    out = _Activation(b, module.conv.out_channels, h * 2, w * 2, settings)
+    for rows, cols in _tiles(h, w, _side(settings, 4 * c)):
+        settings.tick()
+        grown_rows, top, bottom = _grow(rows, 1, h)
+        grown_cols, left, right = _grow(cols, 1, w)
+        tile = module(source.read(grown_rows, grown_cols, settings.dtype))
+        tile = _crop(tile, 2 * top, 2 * bottom, 2 * left, 2 * right)
+        out.write(slice(rows.start * 2, rows.stop * 2), slice(cols.start * 2, cols.stop * 2), tile)
+        settings.advance()
+    return out
+
+
+def _downsample(source: _Activation, module, settings: _Settings) -> _Activation:
+    """Pad right/bottom by one, 3x3 stride-2 conv: output rows [o0, o1) read input rows [2*o0, 2*o1 + 1)."""
+    b, c, h, w = source.shape
+    out_h, out_w = (h - 2) // 2 + 1, (w - 2) // 2 + 1  # the module's (0, 1, 0, 1) pad, then k3 s2
+    out = _Activation(b, module.conv.out_channels, out_h, out_w, settings)
+    for rows, cols in _tiles(out_h, out_w, _side(settings, 4 * c)):
+        settings.tick()
+        in_rows = slice(2 * rows.start, min(h, 2 * rows.stop + 1))
+        in_cols = slice(2 * cols.start, min(w, 2 * cols.stop + 1))
+        tile = module(source.read(in_rows, in_cols, settings.dtype))
+        out.write(rows, cols, tile[:, :, :rows.stop - rows.start, :cols.stop - cols.start])
+        settings.advance()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the two networks
+
+
+def _decoder_steps(model) -> list[tuple[str, object]]:
+    """The decoder as a list of (kind, module), checked against the shapes this module can tile exactly."""
+    decoder = getattr(model, "decoder", None)
+    _require(decoder is not None and hasattr(decoder, "up") and hasattr(decoder, "mid"), "no decoder.up/mid")
+    _require(not getattr(decoder, "give_pre_end", False) and not getattr(decoder, "tanh_out", False),
+             "decoder.give_pre_end/tanh_out")
+    _require(getattr(model, "bn", None) is None, "a batch-normalised latent")
+    steps: list[tuple[str, object]] = []
+    post = getattr(model, "post_quant_conv", None)
+    if post is not None:
+        _check_same_conv(post, "post_quant_conv")
+        steps.append(("conv", post))
+    _check_same_conv(decoder.conv_in, "decoder.conv_in")
+    steps.append(("conv", decoder.conv_in))
+    steps += _mid_steps(decoder.mid, "decoder.mid")
+    for level in reversed(range(len(decoder.up))):
+        up = decoder.up[level]
+        for i, block in enumerate(up.block):
+            _check_resnet(block, f"decoder.up[{level}].block[{i}]")
+            steps.append(("resnet", block))
+            if len(up.attn) > 0:
+                _check_attention(up.attn[i], f"decoder.up[{level}].attn[{i}]")
+                steps.append(("attention", up.attn[i]))
+        if hasattr(up, "upsample"):
+            _require(getattr(up.upsample, "with_conv", False) and _is_conv(up.upsample.conv, 3)
+                     and getattr(up.upsample, "scale_factor", 2.0) in (2, 2.0), f"decoder.up[{level}].upsample")
+            steps.append(("upsample", up.upsample))
+    _check_norm(decoder.norm_out, "decoder.norm_out")
+    _check_same_conv(decoder.conv_out, "decoder.conv_out")
+    steps.append(("norm_conv", (decoder.norm_out, decoder.conv_out)))
+    return steps
+
+
+def _encoder_steps(model) -> list[tuple[str, object]]:
+    """The encoder (and quant_conv) as a list of (kind, module)."""
+    encoder = getattr(model, "encoder", None)
+    _require(encoder is not None and hasattr(encoder, "down") and hasattr(encoder, "mid"), "no encoder.down/mid")
+    regularization = getattr(model, "regularization", None)
+    _require(regularization is not None and type(regularization).__name__ == "DiagonalGaussianRegularizer"
+             and not getattr(regularization, "sample", False), "a latent regulariser other than the Gaussian mode")
+    _require(getattr(model, "bn", None) is None, "a batch-normalised latent")
+    _check_same_conv(encoder.conv_in, "encoder.conv_in")
+    steps: list[tuple[str, object]] = [("conv", encoder.conv_in)]
+    for level, down in enumerate(encoder.down):
+        for i, block in enumerate(down.block):
+            _check_resnet(block, f"encoder.down[{level}].block[{i}]")
+            steps.append(("resnet", block))
+            if len(down.attn) > 0:
+                _check_attention(down.attn[i], f"encoder.down[{level}].attn[{i}]")
+                steps.append(("attention", down.attn[i]))
+        if hasattr(down, "downsample"):
+            _require(getattr(down.downsample, "with_conv", False) and _is_conv(down.downsample.conv, 3, 2)
+                     and tuple(down.downsample.conv.padding) == (0, 0), f"encoder.down[{level}].downsample")
+            steps.append(("downsample", down.downsample))
+    steps += _mid_steps(encoder.mid, "encoder.mid")
+    _check_norm(encoder.norm_out, "encoder.norm_out")
+    _check_same_conv(encoder.conv_out, "encoder.conv_out")
+    steps.append(("norm_conv", (encoder.norm_out, encoder.conv_out)))
+    quant = getattr(model, "quant_conv", None)
+    if quant is not None:
+        _check_same_conv(quant, "quant_conv")
+        steps.append(("conv", quant))
+    return steps
+
+
+def _mid_steps(mid, name: str) -> list[tuple[str, object]]:
+    _check_resnet(mid.block_1, f"{name}.block_1")
+    _check_attention(mid.attn_1, f"{name}.attn_1")
+    _check_resnet(mid.block_2, f"{name}.block_2")
+    return [("resnet", mid.block_1), ("attention", mid.attn_1), ("resnet", mid.block_2)]
+
+
+def _count_tiles(steps, height: int, width: int, channels: int, settings: _Settings) -> int:
+    """Progress total: tiles of every layer, following the resolution through the network."""
+    total = 0
+    for kind, module in steps:
+        if kind == "conv":
+            channels = module.out_channels
+            total += _count(height, width, _side(settings, max(channels, module.in_channels)))
+        elif kind == "resnet":
+            first = _count(height, width, _side(settings, max(module.in_channels, module.out_channels)))
+            shortcut = _shortcut(module)
+            total += first * (2 if shortcut is not None and _halo(shortcut) > 0 else 1)
+            total += _count(height, width, _side(settings, module.out_channels))
+            channels = module.out_channels
+        elif kind == "attention":
+            total += 2 * _count(height, width, _side(settings, channels))
+        elif kind == "upsample":
+            total += _count(height, width, _side(settings, 4 * channels))
+            height, width = height * 2, width * 2
+        elif kind == "downsample":
+            height, width = (height - 2) // 2 + 1, (width - 2) // 2 + 1
+            total += _count(height, width, _side(settings, 4 * channels))
+        elif kind == "norm_conv":
+            channels = module[1].out_channels
+            total += _count(height, width, _side(settings, max(channels, module[1].in_channels)))
+    return total
+
+
+def _run(steps, tensor: torch.Tensor, settings: _Settings) -> torch.Tensor:
+    settings.total = _count_tiles(steps, tensor.shape[2], tensor.shape[3], tensor.shape[1], settings)
+    act = _Activation.of(tensor, settings)
+    for kind, module in steps:
+        if kind == "conv":
+            act = _conv(act, module, settings)
+        elif kind == "resnet":
+            act = _resnet(act, module, settings)
+        elif kind == "attention":
+            act = _attention(act, module, settings)
+        elif kind == "upsample":
+            act = _upsample(act, module, settings)
+        elif kind == "downsample":
+            act = _downsample(act, module, settings)
+        elif kind == "norm_conv":
+            act = _norm_conv(act, module[0], module[1], settings)
+    return act.data.to(torch.float32)
+
+
+def _settings(model, device, dtype, tile_size, storage_dtype, should_cancel, progress) -> _Settings:
+    weight = next(model.parameters())
+    device = torch.device(device) if device is not None else weight.device
+    dtype = dtype or weight.dtype
+    tile_elements = DEFAULT_TILE_ELEMENTS if tile_size is None else 128 * tile_size * tile_size
+    return _Settings(device, dtype, tile_elements, storage_dtype, should_cancel, progress)
+
+
+def check_vae(first_stage_model) -> None:
+    """Raise UnsupportedVAE unless both the encoder and the decoder can be tiled exactly."""
+    _decoder_steps(first_stage_model)
+    _encoder_steps(first_stage_model)
+
+
+@torch.no_grad()
+def tiled_decode(first_stage_model, latent: torch.Tensor, tile_size: int | None = None,
+                 device=None, dtype: torch.dtype | None = None, storage_dtype: torch.dtype | None = None,
+                 should_cancel: Callable[[], bool] | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Decode latent (B, C, h, w) like `first_stage_model.decode`, exactly, in tiles; returns float32 (B, 3, H, W)
+    in the model's output range (-1..1 for SD; apply the host VAE's `process_output`).
+
+    `tile_size` (pixels at the full-resolution layers; deeper layers use the same element budget) bounds the
+    per-tile memory; `storage_dtype` forces the between-layer storage (default: float32 when small, float16
+    when finite, float32 otherwise). `should_cancel()` is asked before every tile of every layer.
+    """
+    steps = _decoder_steps(first_stage_model)
+    settings = _settings(first_stage_model, device, dtype, tile_size, storage_dtype, should_cancel, progress)
+    return _run(steps, latent, settings)
+
+
+@torch.no_grad()
+def tiled_encode(first_stage_model, pixels: torch.Tensor, tile_size: int | None = None,
+                 device=None, dtype: torch.dtype | None = None, storage_dtype: torch.dtype | None = None,
+                 should_cancel: Callable[[], bool] | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Encode pixels (B, 3, H, W), already in the model's input range (the host VAE's `process_input`), like
+    `first_stage_model.encode` (the Gaussian's mode), exactly, in tiles; returns float32 (B, C, H/8, W/8)."""
+    steps = _encoder_steps(first_stage_model)
+    settings = _settings(first_stage_model, device, dtype, tile_size, storage_dtype, should_cancel, progress)
+    moments = _run(steps, pixels, settings)
+    return moments[:, :moments.shape[1] // 2]

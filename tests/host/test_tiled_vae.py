@@ -1,0 +1,110 @@
+"""Exact tiled VAE against the host's own VAE classes (ComfyUI's AutoencoderKL) with seeded random weights."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="needs the ComfyUI host venv's python")
+
+COMFY = Path(os.environ.get("COMFYUI_PATH", Path.home() / ".cache/comfyui-astria/host-0.3.75/ComfyUI"))
+if not (COMFY / "comfy" / "sd.py").is_file():
+    pytest.skip(f"no ComfyUI tree at {COMFY} (set COMFYUI_PATH)", allow_module_level=True)
+if str(COMFY) not in sys.path:
+    sys.path.insert(0, str(COMFY))
+import comfy.cli_args  # noqa: E402
+
+comfy.cli_args.args.cpu = True
+from comfy.ldm.models.autoencoder import AutoencoderKL  # noqa: E402
+from comfyui_astria.nodes.core import tiled_vae  # noqa: E402
+
+SD_CONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+             "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+
+
+def random_vae(seed, **changes):
+    """An AutoencoderKL as the host builds it for SD, with seeded random weights scaled to keep activations sane."""
+    config = dict(SD_CONFIG, **changes)
+    torch.manual_seed(seed)
+    model = AutoencoderKL(ddconfig=config, embed_dim=config["z_channels"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 4:
+                torch.nn.init.kaiming_uniform_(p, a=1.0)
+            elif "norm" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.uniform_(-0.1, 0.1)
+    return model.eval()
+
+
+SMALL = dict(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1)
+
+
+@pytest.mark.parametrize("size", [(40, 56), (37, 23)])
+def test_small_vae_decode_equals_untiled(size):
+    vae = random_vae(0, **SMALL)
+    latent = torch.randn(2, 4, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = vae.decode(latent)
+    got = tiled_vae.tiled_decode(vae, latent, tile_size=24, storage_dtype=torch.float32)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("size", [(96, 128), (75, 41)])
+def test_small_vae_encode_equals_untiled(size):
+    vae = random_vae(0, **SMALL)
+    pixels = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        expected = vae.encode(pixels)
+    got = tiled_vae.tiled_encode(vae, pixels, tile_size=24, storage_dtype=torch.float32)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_float16_storage_stays_close():
+    vae = random_vae(0, **SMALL)
+    latent = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = vae.decode(latent)
+    got = tiled_vae.tiled_decode(vae, latent, tile_size=24, storage_dtype=torch.float16)
+    assert (got - expected).abs().max().item() < 1e-2
+
+
+def test_full_sd_vae_at_256_px_with_64_px_tiles():
+    vae = random_vae(4)
+    latent = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = vae.decode(latent)
+        pixels = expected.clamp(-1, 1)
+        expected_latent = vae.encode(pixels)
+    got = tiled_vae.tiled_decode(vae, latent, tile_size=64)
+    assert (got - expected).abs().max().item() <= 1e-3
+    got_latent = tiled_vae.tiled_encode(vae, pixels, tile_size=64)
+    assert (got_latent - expected_latent).abs().max().item() <= 1e-3
+
+
+def test_progress_counts_every_tile_and_cancel_stops_between_tiles():
+    vae = random_vae(0, **SMALL)
+    latent = torch.randn(1, 4, 24, 24)
+    seen = []
+    tiled_vae.tiled_decode(vae, latent, tile_size=16, progress=lambda done, total: seen.append((done, total)))
+    assert len(seen) > 10 and seen[-1][0] == seen[-1][1] == len(seen)
+    asked = []
+    with pytest.raises(tiled_vae.TiledVAECancelled):
+        tiled_vae.tiled_decode(vae, latent, tile_size=16, should_cancel=lambda: asked.append(1) or len(asked) > 5)
+    assert len(asked) == 6
+
+
+def test_unknown_shapes_raise_unsupported():
+    vae = random_vae(0, **SMALL)
+    vae.decoder.tanh_out = True
+    with pytest.raises(tiled_vae.UnsupportedVAE, match="tanh_out"):
+        tiled_vae.tiled_decode(vae, torch.randn(1, 4, 8, 8))
+    vae = random_vae(0, **SMALL)
+    vae.decoder.mid.attn_1.q = torch.nn.Conv2d(64, 64, 3, padding=1)
+    with pytest.raises(tiled_vae.UnsupportedVAE, match="attn_1.q"):
+        tiled_vae.check_vae(vae)
+    with pytest.raises(tiled_vae.UnsupportedVAE):
+        tiled_vae.check_vae(torch.nn.Conv2d(3, 3, 1))

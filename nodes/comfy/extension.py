@@ -4,6 +4,7 @@ from .encode import ENCODE_NODES
 from .lora import LORA_NODES
 from .prompt import PROMPT_NODES
 from .remote import REMOTE_NODES
+from .tiling import TILING_NODES
 from .upscale import UPSCALE_NODES
 
 
@@ -12,4 +13,4 @@ class AstriaExtension(ComfyExtension):
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         """Every node class of the pack, in menu order."""
-        return [*PROMPT_NODES, *LORA_NODES, *ENCODE_NODES, *UPSCALE_NODES, *REMOTE_NODES]
+        return [*PROMPT_NODES, *LORA_NODES, *ENCODE_NODES, *UPSCALE_NODES, *TILING_NODES, *REMOTE_NODES]

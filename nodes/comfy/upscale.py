@@ -72,7 +72,7 @@ def only_upscale(job):
     latent = vae_tiling.encode(job.vae, padded, job.tile_size)
     positive, negative = apply_control_net(job.positive, job.negative, job.control_net, padded,
                                            job.control_strength, job.vae)
-    model = vae_tiling.with_tiled_diffusion(job.model, latent, job.tile_size)
+    model = vae_tiling.with_tiled_diffusion(job.model, job.tile_size)
     latent = comfy.sample.fix_empty_latent_channels(model, latent)
     noise = comfy.sample.prepare_noise(latent, job.seed)
     steps_to_run = sigmas.numel() - 1

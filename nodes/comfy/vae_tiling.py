@@ -1,11 +1,16 @@
-"""Tiled VAE encode/decode and tiled diffusion for the upscale nodes, on the host's VAE and model objects."""
+"""Our exact one-pass tiled VAE and MultiDiffusion on the host's VAE and model objects, with the host's fallbacks."""
 import logging
 
 import comfy.model_management
+import comfy.samplers
+import comfy.utils
 import psutil
+
+from ..core import multidiffusion, tiled_vae, tiling
 
 log = logging.getLogger("astria")
 DEFAULT_OVERLAP_PX = 64
+DEFAULT_TILE_BATCH = 4
 BYTES_PER_PIXEL_HELD = 3 * 4 * 4  # RGB float32: input, upscaled, decoded and colour-fixed copies live at once
 
 
@@ -19,22 +24,99 @@ def check_fits_in_memory(width, height, batch, tile_size):
                          f"batch size (tile_size {tile_size} only bounds the model's working memory)")
 
 
+def _raise_if_interrupted():
+    """The host's Cancel, asked per tile and per layer chunk; raises ComfyUI's own interrupt exception."""
+    comfy.model_management.throw_exception_if_processing_interrupted()
+    return False
+
+
+def _progress_bar():
+    """A progress callback (done, total) that drives ComfyUI's progress bar."""
+    bar = {}
+
+    def progress(done, total):
+        if "bar" not in bar:
+            bar["bar"] = comfy.utils.ProgressBar(total)
+        bar["bar"].update_absolute(done, total)
+
+    return progress
+
+
+def _ours_supported(vae):
+    """Whether our exact tiled path knows this VAE's shape (SD1.x/SDXL-style 2D image VAEs)."""
+    if getattr(vae, "latent_dim", 2) != 2 or not hasattr(vae, "first_stage_model"):
+        return False
+    try:
+        tiled_vae.check_vae(vae.first_stage_model)
+        return True
+    except tiled_vae.UnsupportedVAE as reason:
+        log.info("Astria tiled VAE: this VAE's shape is not supported (%s); using ComfyUI's tiled VAE", reason)
+        return False
+
+
+def _with_oom_retry(run, tile_size, what):
+    """Run with tile_size; on a GPU out-of-memory retry once with half the tile, saying so in the log."""
+    try:
+        return run(tile_size)
+    except comfy.model_management.OOM_EXCEPTION:
+        smaller = max(64, tile_size // 2)
+        log.warning("Astria tiled VAE %s ran out of GPU memory with %d px tiles; retrying with %d px tiles",
+                    what, tile_size, smaller)
+        comfy.model_management.soft_empty_cache()
+        return run(smaller)
+
+
+def _load(vae, shape, encode):
+    """Load the VAE onto its device the host's way."""
+    memory = (vae.memory_used_encode if encode else vae.memory_used_decode)(shape, vae.vae_dtype)
+    comfy.model_management.load_models_gpu([vae.patcher], memory_required=min(memory, 2**30))
+
+
 def encode(vae, pixels, tile_size, overlap=DEFAULT_OVERLAP_PX):
-    """Latent tensor of (B, H, W, C) pixels, tiled when larger than tile_size."""
-    if max(pixels.shape[1], pixels.shape[2]) <= tile_size:
-        return vae.encode(pixels)
-    return vae.encode_tiled(pixels, tile_x=tile_size, tile_y=tile_size, overlap=overlap)
+    """Latent (B, C, H/8, W/8) of (B, H, W, C) pixels in 0..1: our exact one-pass tiled encode, or the host's."""
+    pixels = pixels[..., :3]
+    if not _ours_supported(vae):
+        return vae.encode_tiled(pixels, tile_x=tile_size, tile_y=tile_size, overlap=overlap)
+    vae.throw_exception_if_invalid()
+    channels_first = pixels.movedim(-1, 1)
+    _load(vae, channels_first.shape, encode=True)
+    model_input = vae.process_input(channels_first).to(vae.vae_dtype).to(vae.device)
+    progress = _progress_bar()
+
+    def run(tile):
+        return tiled_vae.tiled_encode(vae.first_stage_model, model_input, tile, device=vae.device,
+                                      dtype=vae.vae_dtype, should_cancel=_raise_if_interrupted, progress=progress)
+
+    return _with_oom_retry(run, tile_size, "encode").to(vae.output_device).float()
 
 
 def decode(vae, samples, tile_size, overlap=DEFAULT_OVERLAP_PX):
-    """(B, H, W, C) pixels of a latent tensor, tiled when larger than tile_size."""
-    tile = tile_size // 8
-    if max(samples.shape[-1], samples.shape[-2]) <= tile:
-        return vae.decode(samples)
-    return vae.decode_tiled(samples, tile_x=tile, tile_y=tile, overlap=overlap // 8)
+    """(B, H, W, C) pixels in 0..1 of a latent tensor: our exact one-pass tiled decode, or the host's."""
+    if not _ours_supported(vae):
+        tile = max(8, tile_size // 8)
+        return vae.decode_tiled(samples, tile_x=tile, tile_y=tile, overlap=overlap // 8)
+    vae.throw_exception_if_invalid()
+    _load(vae, samples.shape, encode=False)
+    latent = samples.to(vae.vae_dtype).to(vae.device)
+    progress = _progress_bar()
+
+    def run(tile):
+        return tiled_vae.tiled_decode(vae.first_stage_model, latent, tile, device=vae.device, dtype=vae.vae_dtype,
+                                      should_cancel=_raise_if_interrupted, progress=progress)
+
+    decoded = _with_oom_retry(run, tile_size, "decode")
+    return vae.process_output(decoded.to(vae.output_device).float()).movedim(1, -1)
 
 
-def with_tiled_diffusion(model, latent, tile_size):
-    """The model as is (tiled diffusion is added where the latent is larger than a tile)."""
-    comfy.model_management.throw_exception_if_processing_interrupted()
-    return model
+def with_tiled_diffusion(model, tile_size, overlap=DEFAULT_OVERLAP_PX, tile_batch_size=DEFAULT_TILE_BATCH):
+    """A clone of the model whose every sampling step denoises overlapping latent tiles and blends them
+    (MultiDiffusion), for latents larger than one tile; smaller latents run untouched."""
+
+    def plan_for(latent_height, latent_width):
+        return tiling.latent_tile_plan(latent_height, latent_width, tile_size, overlap)
+
+    hook = multidiffusion.make_tiled_calc_cond_batch(plan_for, comfy.samplers.calc_cond_batch, tile_batch_size,
+                                                     should_cancel=_raise_if_interrupted)
+    patched = model.clone()
+    patched.set_model_sampler_calc_cond_batch_function(hook)
+    return patched

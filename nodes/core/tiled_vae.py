@@ -257,10 +257,12 @@ def _resnet(source: _Activation, block, settings: _Settings) -> _Activation:
         source.data = None
         return out
     if _halo(shortcut) == 0:
-        short = lambda r, c: shortcut(source.read(r, c, settings.dtype))
+        def short(r, c):
+            return shortcut(source.read(r, c, settings.dtype))
     else:
         short_act = _conv(source, shortcut, settings)
-        short = lambda r, c: short_act.read(r, c, settings.dtype)
+        def short(r, c):
+            return short_act.read(r, c, settings.dtype)
     return _same_layer(hidden, block.out_channels, settings, compute, _halo(block.conv2), extra=short)
 
 

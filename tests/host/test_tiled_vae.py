@@ -16,6 +16,7 @@ import comfy.cli_args  # noqa: E402
 
 comfy.cli_args.args.cpu = True
 from comfy.ldm.models.autoencoder import AutoencoderKL  # noqa: E402
+
 from comfyui_astria.nodes.core import tiled_vae  # noqa: E402
 
 SD_CONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,

@@ -3,10 +3,11 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="tiling is torch code; run with the ComfyUI host venv's python")
 
-from comfyui_astria.nodes.core import multidiffusion as md
-from comfyui_astria.nodes.core.tiling import Tile, latent_tile_plan, tile_plan
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from comfyui_astria.nodes.core import multidiffusion as md
+from comfyui_astria.nodes.core.tiling import Tile, latent_tile_plan, tile_plan
 
 
 def weight_sum(plan):

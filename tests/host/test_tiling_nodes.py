@@ -1,0 +1,46 @@
+"""Astria VAE Encode/Decode (Tiled) and Astria Tiled Diffusion as ComfyUI nodes on the test models."""
+import torch
+
+from .conftest import run_node
+from .test_only_upscale import picture
+
+
+def test_tiled_vae_nodes_equal_untiled_with_the_pixel_vae(comfy_host, sd15_pixel):
+    _, _, vae = sd15_pixel
+    image = picture(200, 136, seed=7)
+    with torch.inference_mode():
+        untiled_latent = vae.encode(image)
+        latent = run_node(comfy_host, "AstriaVAEEncodeTiled", pixels=image, vae=vae, tile_size=64, overlap=0)[0]
+        assert torch.allclose(latent["samples"], untiled_latent, atol=1e-4)
+        untiled = vae.decode(untiled_latent)
+        decoded = run_node(comfy_host, "AstriaVAEDecodeTiled", samples=latent, vae=vae, tile_size=64, overlap=0)[0]
+    assert decoded.shape == untiled.shape == (1, 200, 136, 3)
+    assert (decoded - untiled).abs().max().item() < 1e-4
+
+
+def test_tiled_diffusion_node_samples_a_latent_larger_than_a_tile(comfy_host, sd15_pixel):
+    nodes = comfy_host.nodes
+    model, clip, vae = sd15_pixel
+    tiled = run_node(comfy_host, "AstriaTiledDiffusion", model=model, tile_size=256, overlap=64,
+                     tile_batch_size=2)[0]
+    calls = []
+    tiled.set_model_unet_function_wrapper(lambda apply, args: calls.append(args["input"].shape) or apply(
+        args["input"], args["timestep"], **args["c"]))
+    positive = nodes.CLIPTextEncode().encode(clip, "a photo")[0]
+    latent = {"samples": torch.zeros(1, 4, 48, 40)}  # 384 x 320 px: 2 x 2 tiles of at most 256 px
+    with torch.inference_mode():
+        out = nodes.KSampler().sample(tiled, 3, 2, 5.0, "euler", "normal", positive, positive, latent)[0]
+    assert out["samples"].shape == (1, 4, 48, 40)
+    assert torch.isfinite(out["samples"]).all()
+    assert calls and all(shape[-1] <= 32 and shape[-2] <= 32 for shape in calls), calls
+
+
+def test_only_upscale_runs_tiled_when_the_target_is_larger_than_a_tile(comfy_host, sd15_pixel):
+    model, clip, vae = sd15_pixel
+    positive = comfy_host.nodes.CLIPTextEncode().encode(clip, "a photo")[0]
+    image = picture(96, 96, seed=5)
+    with torch.inference_mode():
+        out = run_node(comfy_host, "AstriaOnlyUpscale", image=image, model=model, vae=vae, positive=positive,
+                       negative=positive, scale=3.0, denoise=0.2, steps=5, seed=3, tile_size=256)[0]
+    assert out.shape == (1, 288, 288, 3)
+    assert torch.isfinite(out).all()

@@ -25,7 +25,7 @@ class Vocabulary(NamedTuple):
     end: int
     pad: int  # what follows the end token: the end token again for CLIP-L, 0 for OpenCLIP (CLIP-G, CLIP-H)
     comma: int | None  # the id of `,</w>`, where an overflowing chunk prefers to break
-    vectors: Callable[[str], Sequence[Any]]  # an embedding file's vectors (one per token position)
+    vectors: Callable[[str], Sequence[Any] | None]  # an embedding file's vectors (one per token), None if unusable
 
 
 class TokenChunk(NamedTuple):
@@ -44,10 +44,12 @@ def weighted_pieces(text: str, vocabulary: Vocabulary, index: embeddings.Embeddi
             continue
         items: list = []
         for part in embeddings.split_mentions(piece_text, index):
-            if isinstance(part, embeddings.Mention):
-                items.append(Unsplit(tuple(vocabulary.vectors(part.filename)), weight))
-            else:
-                items.extend((token, weight) for token in vocabulary.tokenize(part))
+            vectors = vocabulary.vectors(part.filename) if isinstance(part, embeddings.Mention) else None
+            if vectors:
+                items.append(Unsplit(tuple(vectors), weight))
+            else:  # plain text, or an embedding this encoder cannot use: its name stays words
+                words = piece_text[part.start:part.end] if isinstance(part, embeddings.Mention) else part
+                items.extend((token, weight) for token in vocabulary.tokenize(words))
         pieces.append(items)
     return pieces
 

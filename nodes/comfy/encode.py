@@ -157,6 +157,8 @@ def encode_prompt(clip, prompt, weighting):
                      "have no meaning there, so the text is encoded without them (brackets and weights dropped)")
     if encoders is None:
         notes.append("bare embedding names are looked up only for SD1.x and SDXL text encoders")
+    elif weighting == "a1111" and clip.use_clip_schedule and clip.patcher.forced_hooks is not None:
+        notes.append("scheduled CLIP hooks are not applied in a1111 mode (use comfy or none for them)")
     vocabularies = _ClipVocabularies(encoders or [])
     index = host_embedding_index(encoders, vocabularies, texts.values(), notes)
     for label, text in texts.items():

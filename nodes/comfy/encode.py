@@ -1,25 +1,208 @@
-"""Astria Encode: the prompt's positive and negative text as CONDITIONING, weighted like A1111 (or ComfyUI, or not)."""
+"""Astria Encode: the prompt's positive and negative text as CONDITIONING, weighted like A1111 (or ComfyUI, or not).
+
+Glue only: the host's tokenizers and encoders do the tokenizing and encoding; A1111's chunking and emphasis are
+nodes/core/attention.py and prompt_tokens.py, bare embedding names nodes/core/embeddings.py.
+"""
+import logging
+
+import comfy.sd1_clip
+import comfy.sdxl_clip
+import folder_paths
+from transformers import CLIPTokenizer, CLIPTokenizerFast
+
+from ..core import attention, embeddings, prompt_tokens, settings
 from ._api import io
-from .prompt import comfy_text
 from .types import AstriaPromptType
+
+log = logging.getLogger("astria")
+FROM_PROMPT = "from prompt"
+WEIGHTING_CHOICES = [FROM_PROMPT, "a1111", "comfy", "none"]
+COMMA_TOKEN_TEXT = ",</w>"  # how CLIP's vocabulary spells a comma ending a word
+
+
+def weighting_for(prompt, choice):
+    """The weighting mode: the node's choice, or from the prompt's use_lpw (spec section 2: false -> none)."""
+    if choice != FROM_PROMPT:
+        return choice
+    # The same rule as nodes/core/settings.py, without its checks of sampler settings this node does not use.
+    return "none" if prompt.param("use_lpw") is False else "a1111"
 
 
 def encode_text(clip, text):
-    """CONDITIONING of ComfyUI prompt text through the host's own tokenizer and encoder."""
+    """CONDITIONING of ComfyUI prompt text through the host's own tokenizer and encoder (CLIPTextEncode)."""
     tokens = clip.tokenize(text)
     return clip.encode_from_tokens_scheduled(tokens)
 
 
+def _is_clip_tokenizer(tokenizer):
+    """Whether a host tokenizer is a CLIP one with A1111's frame: start and end tokens around 75."""
+    return (isinstance(tokenizer, comfy.sd1_clip.SDTokenizer)
+            and isinstance(tokenizer.tokenizer, (CLIPTokenizer, CLIPTokenizerFast))
+            and tokenizer.start_token is not None and tokenizer.end_token is not None
+            and tokenizer.tokenizer_adds_end_token and tokenizer.max_length == prompt_tokens.FRAMED_LENGTH)
+
+
+def clip_encoders(clip):
+    """[(token key, tokenizer, encoder)] in the host's channel order for SD1.x-style CLIPs and SDXL; else None."""
+    tokenizer, model = clip.tokenizer, clip.cond_stage_model
+    if isinstance(tokenizer, comfy.sdxl_clip.SDXLTokenizer) and isinstance(model, comfy.sdxl_clip.SDXLClipModel):
+        encoders = [("l", tokenizer.clip_l, model.clip_l), ("g", tokenizer.clip_g, model.clip_g)]
+    elif (isinstance(tokenizer, comfy.sd1_clip.SD1Tokenizer) and isinstance(model, comfy.sd1_clip.SD1ClipModel)
+          and tokenizer.clip_name == model.clip_name):
+        encoders = [(tokenizer.clip_name, getattr(tokenizer, tokenizer.clip), getattr(model, model.clip))]
+    else:
+        return None
+    if all(_is_clip_tokenizer(sub) and isinstance(encoder, comfy.sd1_clip.SDClipModel)
+           for _, sub, encoder in encoders):
+        return encoders
+    return None
+
+
+class _ClipVocabularies:
+    """Per text encoder of a CLIP: the Vocabulary for prompt_tokens, embedding vectors loaded once per run."""
+
+    def __init__(self, encoders):
+        self.encoders = encoders
+        self.loaded = {}
+
+    def width(self, encoder):
+        """Channels of the encoder's token embeddings (and of its output)."""
+        return encoder.transformer.get_input_embeddings().weight.shape[-1]
+
+    def vectors(self, key, tokenizer, encoder, filename):
+        """The embedding file's vectors for this encoder, or None if the host cannot load them or they do not fit."""
+        if (key, filename) not in self.loaded:
+            vectors = None
+            if tokenizer.embedding_directory is not None:
+                embed = comfy.sd1_clip.load_embed(filename, tokenizer.embedding_directory, tokenizer.embedding_size,
+                                                  tokenizer.embedding_key)
+                if embed is not None and embed.shape[-1] == self.width(encoder):
+                    vectors = [embed] if embed.dim() == 1 else list(embed.reshape(-1, embed.shape[-1]))
+            self.loaded[key, filename] = vectors
+        return self.loaded[key, filename]
+
+    def usable(self, filename):
+        """Whether every encoder of this CLIP can use the embedding file."""
+        return all(self.vectors(key, sub, encoder, filename) is not None for key, sub, encoder in self.encoders)
+
+    def vocabulary(self, key, tokenizer, encoder):
+        """The Vocabulary of one encoder: the host tokenizer's ids, special tokens and embeddings."""
+        def tokenize(text):
+            return tokenizer.tokenizer(text, verbose=False)["input_ids"][tokenizer.tokens_start:-1]
+
+        return prompt_tokens.Vocabulary(
+            tokenize=tokenize, start=tokenizer.start_token, end=tokenizer.end_token, pad=tokenizer.pad_token,
+            comma=tokenizer.tokenizer.get_vocab().get(COMMA_TOKEN_TEXT),
+            vectors=lambda filename: self.vectors(key, tokenizer, encoder, filename),
+        )
+
+
+def host_embedding_index(encoders, vocabularies, texts, notes):
+    """The embedding files ComfyUI has, minus those this CLIP cannot use (those named in texts are noted)."""
+    if encoders is None or any(sub.embedding_directory is None for _, sub, _ in encoders):
+        return embeddings.embedding_index(())
+    index = embeddings.embedding_index(folder_paths.get_filename_list("embeddings"))
+    named = sorted({mention.filename for text in texts for mention in index.find(text)})
+    unusable = [filename for filename in named if not vocabularies.usable(filename)]
+    for filename in unusable:
+        notes.append(f"embedding {filename} does not fit this text encoder (made for another model family): "
+                     "its name is encoded as text")
+    notes += [f"embedding {filename} used" for filename in named if filename not in unusable]
+    return index.without(unusable) if unusable else index
+
+
+def _a1111_conditioning(clip, encoders, vocabularies, text, index):
+    """A1111 emphasis: every chunk encoded unweighted in one pass, then weighted and rescaled per chunk."""
+    chunks = {key: prompt_tokens.a1111_token_chunks(text, vocabularies.vocabulary(key, sub, encoder), index)
+              for key, sub, encoder in encoders}
+    tokens = {key: [[(token, 1.0) for token in chunk.tokens] for chunk in key_chunks]
+              for key, key_chunks in chunks.items()}
+    # All weights 1.0: the host encodes plainly, without its own empty-prompt interpolation.
+    encoded = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+    cond = encoded.pop("cond")
+    widths = [(vocabularies.width(encoder), chunks[key]) for key, _, encoder in encoders]
+    return [[prompt_tokens.a1111_weighted(cond, widths), encoded]], len(chunks[encoders[0][0]])
+
+
+def _encode_one(clip, encoders, vocabularies, text, weighting, index, label, notes):
+    """CONDITIONING of one prompt text in the weighting mode; attention syntax errors name the text."""
+    try:
+        if weighting == "none":
+            converted = attention.comfy_literal(embeddings.with_embedding_prefix(text, index))
+        elif weighting == "comfy":
+            converted = attention.to_comfy(embeddings.with_embedding_prefix(text, index))
+        elif encoders is None:
+            converted = attention.comfy_literal(prompt_tokens.unweighted_text(text))
+        else:
+            conditioning, chunk_count = _a1111_conditioning(clip, encoders, vocabularies, text, index)
+            notes.append(f"{label}: {chunk_count} chunk{'s' if chunk_count != 1 else ''} of 75 tokens")
+            return conditioning
+    except attention.AttentionSyntaxError as error:
+        raise ValueError(f"Astria Encode, {label} prompt: {error}") from error
+    notes += [f"{label}: {warning}" for warning in converted.warnings]
+    return encode_text(clip, converted.text)
+
+
 def encode_prompt(clip, prompt, weighting):
     """(positive, negative, notes) conditioning of a parsed prompt in the given weighting mode."""
+    if clip is None:
+        raise ValueError("Astria Encode needs a CLIP: connect the checkpoint loader's CLIP output")
+    if weighting not in settings.WEIGHTING_MODES:
+        raise ValueError(f"weighting {weighting!r} is not one of {', '.join(settings.WEIGHTING_MODES)}")
+    texts = {"positive": prompt.positive, "negative": prompt.negative_prompt or ""}
+    encoders = clip_encoders(clip)
     notes = [f"weighting {weighting}"]
-    if weighting == "a1111":
-        notes.append("a1111 emphasis pending: encoded with ComfyUI's weighting of the same A1111 weights")
-    positive_text, positive_warnings = comfy_text(prompt.positive, weighting)
-    negative_text, negative_warnings = comfy_text(prompt.negative_prompt or "", weighting)
-    notes += positive_warnings + negative_warnings
-    return encode_text(clip, positive_text), encode_text(clip, negative_text), notes
+    if encoders is None and weighting == "a1111":
+        notes.append(f"{type(clip.cond_stage_model).__name__} is not a CLIP-L/CLIP-G text encoder: A1111 weights "
+                     "have no meaning there, so the text is encoded without them (brackets and weights dropped)")
+    if encoders is None:
+        notes.append("bare embedding names are looked up only for SD1.x and SDXL text encoders")
+    elif weighting == "a1111" and clip.use_clip_schedule and clip.patcher.forced_hooks is not None:
+        notes.append("scheduled CLIP hooks are not applied in a1111 mode (use comfy or none for them)")
+    vocabularies = _ClipVocabularies(encoders or [])
+    index = host_embedding_index(encoders, vocabularies, texts.values(), notes)
+    for label, text in texts.items():
+        notes += [f"{label}: {warning}" for warning in embeddings.missing_embedding_warnings(text, index)]
+    positive, negative = (_encode_one(clip, encoders, vocabularies, text, weighting, index, label, notes)
+                          for label, text in texts.items())
+    for note in notes[1:]:
+        log.info("Astria Encode: %s", note)
+    return positive, negative, list(dict.fromkeys(notes))
 
 
-ENCODE_NODES: list[type[io.ComfyNode]] = []
-__all__ = ["AstriaPromptType", "ENCODE_NODES", "encode_prompt"]
+class AstriaEncode(io.ComfyNode):
+    """Encodes the Astria prompt's positive and negative text, with A1111's, ComfyUI's or no prompt weighting."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AstriaEncode",
+            display_name="Astria Encode",
+            category="Astria",
+            description="Encodes the prompt and its negative_prompt as Astria does: A1111 attention weights "
+                        "((word:1.2), [word], BREAK, 75-token chunks) and bare textual-inversion names found in "
+                        "ComfyUI's embeddings folder. use_lpw=false encodes brackets as plain text.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="The text encoder (SD1.x or SDXL get A1111 weighting; others the "
+                                              "plain text)."),
+                AstriaPromptType.Input("astria_prompt", tooltip="The parsed prompt from Astria Prompt."),
+                io.Combo.Input("weighting", options=WEIGHTING_CHOICES, default=FROM_PROMPT,
+                               tooltip="from prompt: A1111 unless the prompt says use_lpw=false (then none). "
+                                       "a1111: A1111's emphasis. comfy: ComfyUI's own formula for the same "
+                                       "weights. none: brackets are plain text, every weight 1.0."),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="positive"),
+                io.Conditioning.Output(display_name="negative"),
+                io.String.Output(display_name="notes"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip, astria_prompt, weighting=FROM_PROMPT) -> io.NodeOutput:
+        positive, negative, notes = encode_prompt(clip, astria_prompt, weighting_for(astria_prompt, weighting))
+        return io.NodeOutput(positive, negative, "\n".join(notes))
+
+
+ENCODE_NODES: list[type[io.ComfyNode]] = [AstriaEncode]
+__all__ = ["ENCODE_NODES", "AstriaEncode", "encode_prompt", "weighting_for"]

@@ -1,0 +1,84 @@
+"""Bare textual-inversion names: found only where a file exists, written for ComfyUI, warned about when missing."""
+import pytest
+
+from comfyui_astria.nodes.core.embeddings import (
+    Mention,
+    embedding_index,
+    embedding_name,
+    looks_like_embedding_name,
+    missing_embedding_warnings,
+    split_mentions,
+    with_embedding_prefix,
+)
+
+FILES = ["tiny_neg.safetensors", "sub/JuggernautNegative-neg.pt", "bad-hands.pt", "bad-hands-5.safetensors",
+         "my folder/spaced_neg.bin", "two words.safetensors"]
+INDEX = embedding_index(FILES)
+
+
+def found(text, index=INDEX):
+    return [(m.filename, text[m.start:m.end]) for m in index.find(text)]
+
+
+def test_names_are_file_stems_matched_case_insensitively():
+    assert embedding_name("sub\\dir/EasyNegative.v2.safetensors") == "EasyNegative.v2"
+    assert found("juggernautnegative-neg, TINY_NEG") == [
+        ("sub/JuggernautNegative-neg.pt", "juggernautnegative-neg"), ("tiny_neg.safetensors", "TINY_NEG")]
+    assert "two words" not in INDEX.files  # cannot be written bare
+
+
+def test_a_name_is_a_whole_word_and_the_longest_name_wins():
+    assert found("xtiny_neg tiny_negx tiny_neg-v2 tiny_neg_2") == []
+    assert found("(tiny_neg:1.2), [tiny_neg].tiny_neg,tiny_neg") == [("tiny_neg.safetensors", "tiny_neg")] * 4
+    assert found("bad-hands-5 bad-hands") == [("bad-hands-5.safetensors", "bad-hands-5"), ("bad-hands.pt", "bad-hands")]
+
+
+def test_the_comfy_prefix_is_part_of_the_mention():
+    assert found("a embedding:tiny_neg b") == [("tiny_neg.safetensors", "embedding:tiny_neg")]
+
+
+def test_first_file_of_a_name_in_sorted_order_wins_and_files_can_be_left_out():
+    index = embedding_index(["z/tiny_neg.pt", "a/tiny_neg.safetensors"])
+    assert found("tiny_neg", index) == [("a/tiny_neg.safetensors", "tiny_neg")]
+    assert found("tiny_neg bad-hands", INDEX.without(["tiny_neg.safetensors"])) == [("bad-hands.pt", "bad-hands")]
+    assert found("tiny_neg", embedding_index([])) == []
+
+
+def test_split_mentions_keeps_every_character_in_order():
+    parts = split_mentions("a tiny_neg, b", INDEX)
+    assert parts == ["a ", Mention("tiny_neg.safetensors", 2, 10), ", b"]
+    assert split_mentions("tiny_neg", INDEX) == [Mention("tiny_neg.safetensors", 0, 8)]
+    assert split_mentions("", INDEX) == []
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("a tiny_neg", "a embedding:tiny_neg.safetensors"),
+    ("tiny_neg b", "embedding:tiny_neg.safetensors b"),
+    ("(tiny_neg:1.2)", "( embedding:tiny_neg.safetensors :1.2)"),
+    ("x,tiny_neg,y", "x, embedding:tiny_neg.safetensors ,y"),
+    ("a\nembedding:TINY_NEG", "a\nembedding:tiny_neg.safetensors"),
+    ("spaced_neg", "embedding:spaced_neg.bin"),  # a folder with a space: ComfyUI finds the file by its name
+    ("no names here", "no names here"),
+])
+def test_with_embedding_prefix_writes_what_comfyui_reads_as_an_embedding(text, expected):
+    assert with_embedding_prefix(text, INDEX) == expected
+
+
+@pytest.mark.parametrize("word, expected", [
+    ("EasyNegative", True), ("JuggernautNegative-neg", True), ("negative_hand-neg", True),
+    ("ng_deepnegative_v1_75t", True), ("FastNegativeV2", True),
+    ("negative", False), ("Negative", False), ("NEGATIVE", False), ("non-negotiable", False), ("cat", False),
+])
+def test_looks_like_embedding_name(word, expected):
+    assert looks_like_embedding_name(word) is expected
+
+
+def test_missing_embeddings_are_warned_about_and_installed_ones_are_not():
+    warnings = missing_embedding_warnings(
+        "EasyNegative, tiny_neg, JuggernautNegative-neg, embedding:nothere, embedding:tiny_neg, negative", INDEX)
+    assert len(warnings) == 2
+    assert warnings[0].startswith("'embedding:nothere': no embedding file named 'nothere'")
+    assert warnings[1].startswith("'EasyNegative' looks like a textual-inversion embedding")
+    assert missing_embedding_warnings("EasyNegative EasyNegative", INDEX) == missing_embedding_warnings(
+        "EasyNegative", INDEX)  # once per word
+    assert missing_embedding_warnings("EasyNegative", embedding_index(["EasyNegative.pt"])) == []

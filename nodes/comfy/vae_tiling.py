@@ -108,6 +108,11 @@ def decode(vae, samples, tile_size, overlap=DEFAULT_OVERLAP_PX):
     return vae.process_output(decoded.to(vae.output_device).float()).movedim(1, -1)
 
 
+def _resize_hint(hint, height, width):
+    """Resize a ControlNet hint crop the way the host's ControlNet resizes its hint, so tiles see the same pixels."""
+    return comfy.utils.common_upscale(hint, width, height, "nearest-exact", "center")
+
+
 def with_tiled_diffusion(model, tile_size, overlap=DEFAULT_OVERLAP_PX, tile_batch_size=DEFAULT_TILE_BATCH):
     """A clone of the model whose every sampling step denoises overlapping latent tiles and blends them
     (MultiDiffusion), for latents larger than one tile; smaller latents run untouched."""
@@ -116,7 +121,7 @@ def with_tiled_diffusion(model, tile_size, overlap=DEFAULT_OVERLAP_PX, tile_batc
         return tiling.latent_tile_plan(latent_height, latent_width, tile_size, overlap)
 
     hook = multidiffusion.make_tiled_calc_cond_batch(plan_for, comfy.samplers.calc_cond_batch, tile_batch_size,
-                                                     should_cancel=_raise_if_interrupted)
+                                                     should_cancel=_raise_if_interrupted, resize=_resize_hint)
     patched = model.clone()
     patched.set_model_sampler_calc_cond_batch_function(hook)
     return patched

@@ -90,6 +90,9 @@ def builtin_graph(image_name):
     }
 
 
+OUR_TILE_PX = 768  # the node's default
+
+
 def astria_graph(image_name):
     """LoadImage -> Astria Prompt -> Astria Only Upscale (from prompt) -> SaveImage."""
     return {
@@ -99,7 +102,7 @@ def astria_graph(image_name):
         "6": {"class_type": "AstriaOnlyUpscaleFromPrompt", "inputs": {
             "image": ["5", 0], "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "astria_prompt": ["2", 0],
             "scale": 2.0, "width": 0, "height": 0, "steps": 16, "denoise": 0.1, "cfg": 6.0,
-            "sampler_name": "euler_ancestral", "scheduler": "normal", "seed": 42, "tile_size": 512,
+            "sampler_name": "euler_ancestral", "scheduler": "normal", "seed": 42, "tile_size": OUR_TILE_PX,
             "color_fix": "wavelet", "step_semantics": "astria", "weighting": "from prompt"}},
         "10": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "bench_astria"}},
     }
@@ -190,14 +193,21 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="input sides in px (output is 2x)")
     parser.add_argument("--gpu", action="store_true", help="run on the GPU (default: --cpu)")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--tile", type=int, default=768, help="our node's tile_size in px (default 768, the node's)")
+    parser.add_argument("--only-ours", action="store_true", help="skip the built-ins (for trying tile sizes)")
     args = parser.parse_args()
+    global OUR_TILE_PX  # noqa: PLW0603 (a script's one setting)
+    OUR_TILE_PX = args.tile
     rows = []
     for size in args.sizes:
-        for name, graph_for in (("built-ins", builtin_graph), ("astria", astria_graph)):
+        cases = [("astria", astria_graph)] if args.only_ours else [("built-ins", builtin_graph), ("astria", astria_graph)]
+        for name, graph_for in cases:
             row = run_case(name, graph_for, size, args.gpu)
             rows.append(row)
             print(f"{size:>5}->{size * 2:<5} {name:<10} {row['status']:<8} {row['seconds']:8.1f} s  "
                   f"peak +{row['peak_rss_gb']:.2f} GB  steps {row['sampler_steps']}", flush=True)
+    if args.only_ours:
+        return
     print("\nratios ours / built-ins (target: time <= 0.30, peak RSS <= 0.8)")
     for size in args.sizes:
         ours = next(r for r in rows if r["size"] == size and r["case"] == "astria")

@@ -115,13 +115,32 @@ def _resize_hint(hint, height, width):
 
 def with_tiled_diffusion(model, tile_size, overlap=DEFAULT_OVERLAP_PX, tile_batch_size=DEFAULT_TILE_BATCH):
     """A clone of the model whose every sampling step denoises overlapping latent tiles and blends them
-    (MultiDiffusion), for latents larger than one tile; smaller latents run untouched."""
+    (MultiDiffusion), for latents larger than one tile; smaller latents run untouched. On a GPU out-of-memory
+    error the step is retried once with half the tile size (and one tile per batch), and that stays in force."""
+    current = {"tile": tile_size, "batch": tile_batch_size, "retried": False}
 
     def plan_for(latent_height, latent_width):
-        return tiling.latent_tile_plan(latent_height, latent_width, tile_size, overlap)
+        return tiling.latent_tile_plan(latent_height, latent_width, current["tile"], overlap)
 
-    hook = multidiffusion.make_tiled_calc_cond_batch(plan_for, comfy.samplers.calc_cond_batch, tile_batch_size,
-                                                     should_cancel=_raise_if_interrupted, resize=_resize_hint)
+    def build():
+        return multidiffusion.make_tiled_calc_cond_batch(plan_for, comfy.samplers.calc_cond_batch, current["batch"],
+                                                         should_cancel=_raise_if_interrupted, resize=_resize_hint)
+
+    hooks = [build()]
+
+    def hook(args):
+        try:
+            return hooks[0](args)
+        except comfy.model_management.OOM_EXCEPTION:
+            if current["retried"]:
+                raise
+            current.update(tile=max(256, current["tile"] // 2), batch=1, retried=True)
+            log.warning("Astria tiled diffusion ran out of GPU memory; retrying with %d px tiles, one per batch",
+                        current["tile"])
+            comfy.model_management.soft_empty_cache()
+            hooks[0] = build()
+            return hooks[0](args)
+
     patched = model.clone()
     patched.set_model_sampler_calc_cond_batch_function(hook)
     return patched

@@ -44,3 +44,29 @@ def test_only_upscale_runs_tiled_when_the_target_is_larger_than_a_tile(comfy_hos
                        negative=positive, scale=3.0, denoise=0.2, steps=5, seed=3, tile_size=256)[0]
     assert out.shape == (1, 288, 288, 3)
     assert torch.isfinite(out).all()
+
+
+def test_out_of_memory_retries_once_with_smaller_tiles(comfy_host, sd15_pixel, monkeypatch, caplog):
+    import comfy.model_management as mm
+    import comfy.samplers
+
+    pack_vae_tiling = comfy_host.pack_module.nodes.comfy.vae_tiling
+    real_calc = comfy.samplers.calc_cond_batch
+    seen = []
+
+    def flaky_calc(model, conds, x, timestep, model_options):
+        seen.append(tuple(x.shape[-2:]))
+        if len(seen) == 1:
+            raise mm.OOM_EXCEPTION("CUDA out of memory (simulated)")
+        return real_calc(model, conds, x, timestep, model_options)
+
+    monkeypatch.setattr(comfy.samplers, "calc_cond_batch", flaky_calc)
+    model, clip, _ = sd15_pixel
+    tiled = pack_vae_tiling.with_tiled_diffusion(model, 512, 64, 4)
+    positive = comfy_host.nodes.CLIPTextEncode().encode(clip, "a photo")[0]
+    latent = {"samples": torch.zeros(1, 4, 80, 80)}  # 640 px: 2 x 2 tiles of 512, then 3 x 3 of 256
+    with torch.inference_mode():
+        out = comfy_host.nodes.KSampler().sample(tiled, 1, 1, 5.0, "euler", "normal", positive, positive, latent)[0]
+    assert out["samples"].shape == (1, 4, 80, 80)
+    assert max(seen[0]) > 32 and all(max(shape) <= 32 for shape in seen[1:]), seen
+    assert "ran out of GPU memory" in caplog.text

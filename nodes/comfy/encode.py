@@ -24,8 +24,7 @@ def weighting_for(prompt, choice):
     """The weighting mode: the node's choice, or from the prompt's use_lpw (spec section 2: false -> none)."""
     if choice != FROM_PROMPT:
         return choice
-    # The same rule as nodes/core/settings.py, without its checks of sampler settings this node does not use.
-    return "none" if prompt.param("use_lpw") is False else "a1111"
+    return settings.weighting_from_prompt(prompt)
 
 
 def encode_text(clip, text):

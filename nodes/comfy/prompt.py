@@ -77,7 +77,7 @@ class AstriaPrompt(io.ComfyNode):
             weighting = understood.weighting
         except ValueError as error:  # e.g. a scheduler only Astria's cloud knows: the remote node can still run it
             lines = [f"Prompt: {prompt.positive}", f"Local run not possible: {error}"]
-            weighting = "none" if prompt.param("use_lpw") is False else "a1111"
+            weighting = settings.weighting_from_prompt(prompt)
         positive, positive_notes = comfy_text(prompt.positive, weighting)
         negative, negative_notes = comfy_text(prompt.negative_prompt or "", weighting)
         lines += [f"Warning (positive text): {note}" for note in positive_notes]

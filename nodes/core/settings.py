@@ -269,10 +269,14 @@ def _size(prompt: AstriaPrompt, defaults: SamplerDefaults, notes: _Notes) -> tup
     return width, height
 
 
+def weighting_from_prompt(prompt: AstriaPrompt) -> str:
+    """The prompt's own weighting mode (spec section 2): use_lpw true or unset -> a1111, false -> none."""
+    return "none" if prompt.param("use_lpw") is False else "a1111"
+
+
 def _weighting(prompt: AstriaPrompt, defaults: SamplerDefaults, notes: _Notes) -> str:
-    """use_lpw true or unset -> a1111, false -> none (spec section 2); the node's input overrides it."""
-    use_lpw = prompt.param("use_lpw")
-    from_prompt = "none" if use_lpw is False else "a1111"
+    """The prompt's weighting mode, unless the node's input overrides it."""
+    from_prompt = weighting_from_prompt(prompt)
     if defaults.weighting is not None:
         if "use_lpw" in prompt.params:
             notes.not_applied(_item(prompt, "use_lpw"), f"overridden by the node's weighting input ({defaults.weighting})")

@@ -5,6 +5,7 @@ nodes the server lacks fall back to ASSUMED_SCHEMAS below, with a warning: rerun
 Usage: python tools/make_workflows.py --url http://127.0.0.1:8188   (or --object-info saved_object_info.json)
 """
 import argparse
+import importlib.util
 import json
 import sys
 import urllib.request
@@ -19,16 +20,17 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FRONTEND_ONLY_NODES = {"Note", "MarkdownNote"}  # drawn by the frontend, never sent to the server
 NODE_WIDTH = 320
 
-# The docs' upscale example, as pasted from Astria's gallery (nodes/comfy/prompt.py EXAMPLE_PROMPT).
-EXAMPLE_PROMPT = """masterpiece, best quality, highres, <lora:more_details:0.5> <lora:SDXLrender_v2.0:1> --only_upscale
-num_images=1
-negative_prompt=(worst quality, low quality, normal quality:2) JuggernautNegative-neg
-seed=
-steps=16
-cfg_scale=6.0
-denoising_strength=0.1
-scheduler=euler_a
-use_lpw=false"""
+
+
+def _docs_example() -> str:
+    """The docs' upscale example from the pack's one source (nodes/core/spec_tables.py, a pure module)."""
+    spec = importlib.util.spec_from_file_location("astria_spec_tables", PACK_ROOT / "nodes" / "core" / "spec_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.DOCS_UPSCALE_EXAMPLE
+
+
+EXAMPLE_PROMPT = _docs_example()
 
 
 def _upscale_widgets():

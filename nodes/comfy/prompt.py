@@ -1,20 +1,12 @@
 """Astria Prompt and Astria Settings: paste the block copied from Astria's gallery, get what ComfyUI needs."""
 import comfy.samplers
 
-from ..core import attention, settings, syntax
+from ..core import attention, settings, spec_tables, syntax
 from ._api import io
 from .types import AstriaPromptType
 
 SEED_MAX = 2**32 - 1
-EXAMPLE_PROMPT = """masterpiece, best quality, highres, <lora:more_details:0.5> <lora:SDXLrender_v2.0:1> --only_upscale
-num_images=1
-negative_prompt=(worst quality, low quality, normal quality:2) JuggernautNegative-neg
-seed=
-steps=16
-cfg_scale=6.0
-denoising_strength=0.1
-scheduler=euler_a
-use_lpw=false"""
+EXAMPLE_PROMPT = spec_tables.DOCS_UPSCALE_EXAMPLE
 
 
 def parse_for_node(text):

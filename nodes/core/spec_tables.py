@@ -6,6 +6,18 @@ Source: /shared/astria-syntax.md sections 1 and 3.
 
 from __future__ import annotations
 
+# Astria's docs' upscale example (use-cases/upscale.md), as pasted from the gallery: the nodes' default text and
+# the example workflows' prompt.
+DOCS_UPSCALE_EXAMPLE = """masterpiece, best quality, highres, <lora:more_details:0.5> <lora:SDXLrender_v2.0:1> --only_upscale
+num_images=1
+negative_prompt=(worst quality, low quality, normal quality:2) JuggernautNegative-neg
+seed=
+steps=16
+cfg_scale=6.0
+denoising_strength=0.1
+scheduler=euler_a
+use_lpw=false"""
+
 # Flag kinds (spec section 1).
 BOOLEAN = "boolean"  # `--name` alone; text after it stays prompt text
 ONE_VALUE = "value"  # `--name TOKEN`

@@ -3,18 +3,10 @@ import json
 
 import torch
 
+from comfyui_astria.nodes.core.spec_tables import DOCS_UPSCALE_EXAMPLE as DOCS_EXAMPLE
+
 from .conftest import run_node
 from .test_only_upscale import picture
-
-DOCS_EXAMPLE = """masterpiece, best quality, highres, <lora:more_details:0.5> <lora:SDXLrender_v2.0:1> --only_upscale
-num_images=1
-negative_prompt=(worst quality, low quality, normal quality:2) JuggernautNegative-neg
-seed=
-steps=16
-cfg_scale=6.0
-denoising_strength=0.1
-scheduler=euler_a
-use_lpw=false"""
 
 
 def write_aliases(comfy_host, aliases):

@@ -65,6 +65,15 @@ def rss_bytes(pid):
     return total
 
 
+def torch_reserved(url):
+    """GPU memory torch holds in the server (its /system_stats torch_vram_total), sampled; 0 if unreadable."""
+    try:
+        stats = json.loads(urllib.request.urlopen(url + "/system_stats", timeout=2).read())
+        return int(stats["devices"][0].get("torch_vram_total", 0))
+    except (OSError, ValueError, KeyError, IndexError):
+        return 0
+
+
 def builtin_graph(image_name):
     """ImageScaleBy -> VAEEncodeTiled -> KSampler (16 steps, denoise 0.1) -> VAEDecodeTiled, the usual wiring."""
     return {
@@ -119,7 +128,7 @@ def write_input(folder, size):
     return "bench.png"
 
 
-def run_case(name, graph_for, size, use_gpu):
+def run_case(name, graph_for, size, use_gpu, comfy_args=()):
     """Start a fresh ComfyUI, queue one graph, measure it, stop the server; returns the figures."""
     work = Path(tempfile.mkdtemp(prefix=f"astria-bench-{name}-"))
     dirs = {key: work / key for key in ("user", "input", "output", "temp")}
@@ -141,6 +150,7 @@ def run_case(name, graph_for, size, use_gpu):
     command = [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
                "--extra-model-paths-config", str(yaml), "--database-url", f"sqlite:///{dirs['user']}/db.sqlite"]
     command += [] if use_gpu else ["--cpu"]
+    command += list(comfy_args)
     for key in ("user", "input", "output", "temp"):
         command += [f"--{key}-directory", str(dirs[key])]
     log = open(work / "log.txt", "wb")
@@ -155,11 +165,15 @@ def run_case(name, graph_for, size, use_gpu):
                 time.sleep(0.5)
         baseline = rss_bytes(process.pid)
         peak = [baseline]
+        gpu_baseline = torch_reserved(url) if use_gpu else 0
+        gpu_peak = [gpu_baseline]
         done = threading.Event()
 
         def sample():
             while not done.is_set():
                 peak[0] = max(peak[0], rss_bytes(process.pid))
+                if use_gpu:
+                    gpu_peak[0] = max(gpu_peak[0], torch_reserved(url))
                 time.sleep(0.05)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -180,7 +194,8 @@ def run_case(name, graph_for, size, use_gpu):
         text = (work / "log.txt").read_text(errors="replace")
         steps = [int(m) for m in re.findall(r"(\d+)/\d+ \[", text)]
         return {"case": name, "size": size, "status": status, "seconds": elapsed,
-                "peak_rss_gb": (peak[0] - baseline) / 2**30, "sampler_steps": max(steps) if steps else None}
+                "peak_rss_gb": (peak[0] - baseline) / 2**30, "peak_gpu_gb": (gpu_peak[0] - gpu_baseline) / 2**30,
+                "sampler_steps": max(steps) if steps else None}
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -194,6 +209,8 @@ def main():
     parser.add_argument("--gpu", action="store_true", help="run on the GPU (default: --cpu)")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--tile", type=int, default=768, help="our node's tile_size in px (default 768, the node's)")
+    parser.add_argument("--comfy-args", default="", help="more arguments for ComfyUI's main.py, e.g. "
+                        "'--front-end-root DIR' where the frontend package is not installed")
     parser.add_argument("--only-ours", action="store_true", help="skip the built-ins (for trying tile sizes)")
     args = parser.parse_args()
     global OUR_TILE_PX  # noqa: PLW0603 (a script's one setting)
@@ -202,18 +219,20 @@ def main():
     for size in args.sizes:
         cases = [("astria", astria_graph)] if args.only_ours else [("built-ins", builtin_graph), ("astria", astria_graph)]
         for name, graph_for in cases:
-            row = run_case(name, graph_for, size, args.gpu)
+            row = run_case(name, graph_for, size, args.gpu, args.comfy_args.split())
             rows.append(row)
+            gpu = f"  GPU reserved peak +{row['peak_gpu_gb']:.2f} GB" if args.gpu else ""
             print(f"{size:>5}->{size * 2:<5} {name:<10} {row['status']:<8} {row['seconds']:8.1f} s  "
-                  f"peak +{row['peak_rss_gb']:.2f} GB  steps {row['sampler_steps']}", flush=True)
+                  f"peak +{row['peak_rss_gb']:.2f} GB{gpu}  steps {row['sampler_steps']}", flush=True)
     if args.only_ours:
         return
     print("\nratios ours / built-ins (target: time <= 0.30, peak RSS <= 0.8)")
     for size in args.sizes:
         ours = next(r for r in rows if r["size"] == size and r["case"] == "astria")
         base = next(r for r in rows if r["size"] == size and r["case"] == "built-ins")
+        gpu = f"  GPU peak {ours['peak_gpu_gb'] / max(base['peak_gpu_gb'], 1e-9):.2f}x" if args.gpu else ""
         print(f"{size:>5}->{size * 2:<5} time {ours['seconds'] / base['seconds']:.2f}x  "
-              f"peak RSS {ours['peak_rss_gb'] / max(base['peak_rss_gb'], 1e-9):.2f}x")
+              f"peak RSS {ours['peak_rss_gb'] / max(base['peak_rss_gb'], 1e-9):.2f}x{gpu}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -1,4 +1,5 @@
 """Our exact one-pass tiled VAE and MultiDiffusion on the host's VAE and model objects, with the host's fallbacks."""
+import gc
 import logging
 
 import comfy.model_management
@@ -59,11 +60,18 @@ def _with_oom_retry(run, tile_size, what):
     try:
         return run(tile_size)
     except comfy.model_management.OOM_EXCEPTION:
-        smaller = max(64, tile_size // 2)
-        log.warning("Astria tiled VAE %s ran out of GPU memory with %d px tiles; retrying with %d px tiles",
-                    what, tile_size, smaller)
-        comfy.model_management.soft_empty_cache()
-        return run(smaller)
+        pass  # retried below, outside the handler: the traceback holds the failed try's tensors until it ends
+    smaller = max(64, tile_size // 2)
+    log.warning("Astria tiled VAE %s ran out of GPU memory with %d px tiles; retrying with %d px tiles",
+                what, tile_size, smaller)
+    _release_failed_try()
+    return run(smaller)
+
+
+def _release_failed_try():
+    """Free what a failed out-of-memory try left behind (its frames, then the allocator's cache)."""
+    gc.collect()
+    comfy.model_management.soft_empty_cache()
 
 
 def _load(vae, shape, encode):
@@ -129,17 +137,18 @@ def with_tiled_diffusion(model, tile_size, overlap=DEFAULT_OVERLAP_PX, tile_batc
     hooks = [build()]
 
     def hook(args):
+        if current["retried"]:
+            return hooks[0](args)
         try:
             return hooks[0](args)
         except comfy.model_management.OOM_EXCEPTION:
-            if current["retried"]:
-                raise
-            current.update(tile=max(256, current["tile"] // 2), batch=1, retried=True)
-            log.warning("Astria tiled diffusion ran out of GPU memory; retrying with %d px tiles, one per batch",
-                        current["tile"])
-            comfy.model_management.soft_empty_cache()
-            hooks[0] = build()
-            return hooks[0](args)
+            pass  # retried below, outside the handler, so the failed try's tensors can be freed first
+        current.update(tile=max(256, current["tile"] // 2), batch=1, retried=True)
+        log.warning("Astria tiled diffusion ran out of GPU memory; retrying with %d px tiles, one per batch",
+                    current["tile"])
+        _release_failed_try()
+        hooks[0] = build()
+        return hooks[0](args)
 
     patched = model.clone()
     patched.set_model_sampler_calc_cond_batch_function(hook)

@@ -1,8 +1,8 @@
 """Host tier: a real ComfyUI 0.3.75 imported in this process, with the pack loaded through ComfyUI's own loader.
 
-Every test here is marked `host`. The `comfy_host` fixture (session-wide) prepares ComfyUI once: CPU mode, temp
-user/input/output/temp folders, the generated test models on the model paths, the built-in extra nodes and the
-pack loaded by `nodes.load_custom_node` from a folder holding only a link to this clone.
+Every test here is marked `host`. The `comfy_host` fixture (session-wide) prepares ComfyUI once: CPU mode (unless
+ASTRIA_TEST_DEVICE=gpu), temp user/input/output/temp folders, the generated test models on the model paths, the
+built-in extra nodes and the pack loaded by `nodes.load_custom_node` from a folder holding only a link to this clone.
 """
 import asyncio
 import logging
@@ -15,6 +15,7 @@ from comfyui_astria.tests.support import paths  # noqa: F401  (loaded through th
 
 
 def pytest_collection_modifyitems(items):
+    """Mark every test under tests/host as `host`."""
     for item in items:
         if "/tests/host/" in str(item.fspath):
             item.add_marker(pytest.mark.host)
@@ -33,7 +34,7 @@ def comfy_host(tmp_path_factory) -> types.SimpleNamespace:
     comfy.options.enable_args_parsing(False)
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.cpu = paths.HOST_ON_CPU
     base = tmp_path_factory.mktemp("comfy_host")
     import folder_paths
 

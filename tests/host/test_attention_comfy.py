@@ -21,6 +21,7 @@ from comfyui_astria.nodes.core.attention import (
     parse_attention,
     to_comfy,
 )
+from comfyui_astria.tests.support import paths
 
 DEFAULT_COMFYUI = Path.home() / ".cache" / "comfyui-astria" / "host-0.3.75" / "ComfyUI"
 
@@ -36,7 +37,7 @@ def sd1_clip():
         sys.path.insert(0, str(root))
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True  # before comfy.model_management is imported: no GPU probing in tests
+    comfy.cli_args.args.cpu = paths.HOST_ON_CPU  # before comfy.model_management is imported
     import comfy.sd1_clip
 
     return comfy.sd1_clip

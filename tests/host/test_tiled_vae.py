@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from comfyui_astria.tests.support import paths
+
 torch = pytest.importorskip("torch", reason="needs the ComfyUI host venv's python")
 
 COMFY = Path(os.environ.get("COMFYUI_PATH", Path.home() / ".cache/comfyui-astria/host-0.3.75/ComfyUI"))
@@ -14,7 +16,7 @@ if str(COMFY) not in sys.path:
     sys.path.insert(0, str(COMFY))
 import comfy.cli_args
 
-comfy.cli_args.args.cpu = True
+comfy.cli_args.args.cpu = paths.HOST_ON_CPU  # before comfy.model_management is imported
 from comfy.ldm.models.autoencoder import AutoencoderKL  # noqa: E402
 
 from comfyui_astria.nodes.core import tiled_vae  # noqa: E402

@@ -7,6 +7,8 @@ CACHE = Path(os.environ.get("ASTRIA_CACHE", Path.home() / ".cache" / "comfyui-as
 COMFY_DIR = Path(os.environ.get("COMFYUI_PATH", CACHE / "host-0.3.75" / "ComfyUI"))
 MODELS_DIR = Path(os.environ.get("ASTRIA_TEST_MODELS", CACHE / "models-v1"))
 PACK_FOLDER_NAME = "ComfyUI-Astria"
+HOST_ON_CPU = os.environ.get("ASTRIA_TEST_DEVICE", "cpu") != "gpu"
+"""ComfyUI runs with --cpu in tests unless ASTRIA_TEST_DEVICE=gpu (the CUDA check: bench/cuda_checks.sh)."""
 
 
 def pack_link_folder() -> Path:

@@ -60,3 +60,31 @@ def test_a_real_gpu_out_of_memory_is_retried_with_half_the_tile(comfy_host, sd15
         torch.cuda.empty_cache()
     assert "ran out of GPU memory with 1024 px tiles; retrying with 512 px tiles" in caplog.text
     assert (retried.float() - half.float()).abs().max().item() < 1e-3
+
+
+def test_a_real_gpu_out_of_memory_in_tiled_diffusion_is_retried(comfy_host, sd15, caplog):
+    model, clip, _ = sd15
+    vae_tiling = comfy_host.pack_module.nodes.comfy.vae_tiling
+    positive = comfy_host.nodes.CLIPTextEncode().encode(clip, "a photo")[0]
+    latent = {"samples": torch.zeros(1, 4, 512, 512)}  # 4096 px: 2048 px tiles, 4 per batch, then 1024 px, 1
+
+    def sample(tile, batch):
+        tiled = vae_tiling.with_tiled_diffusion(model, tile, 64, batch)
+        return comfy_host.nodes.KSampler().sample(tiled, 1, 1, 5.0, "euler", "normal", positive, positive,
+                                                  latent)[0]["samples"]
+
+    with torch.inference_mode():
+        half, half_peak = _peak_reserved(lambda: sample(1024, 1))
+        _, whole_peak = _peak_reserved(lambda: sample(2048, 4))
+        assert whole_peak > half_peak * 1.2, (half_peak, whole_peak)
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(
+            (half_peak + whole_peak) / 2 / torch.cuda.get_device_properties(0).total_memory)
+        try:
+            with caplog.at_level(logging.WARNING):
+                retried = sample(2048, 4)
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+            torch.cuda.empty_cache()
+    assert "tiled diffusion ran out of GPU memory; retrying with 1024 px tiles, one per batch" in caplog.text
+    assert (retried - half).abs().max().item() < 1e-3

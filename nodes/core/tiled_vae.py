@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,19 @@ class _Settings:
     progress: Callable[[int, int], None] | None
     done: int = 0
     total: int = 0
+    buffers: dict = field(default_factory=dict)
+
+    def scratch(self, slot: int, shape) -> torch.Tensor:
+        """A contiguous compute-dtype tensor of `shape` backed by a buffer reused from tile to tile.
+
+        A fresh large tensor per tile costs as much as a pass over it (the allocator hands back new pages that fault
+        in on first touch), so tile inputs live in per-slot buffers kept for the whole run."""
+        size = math.prod(shape)
+        buffer = self.buffers.get(slot)
+        if buffer is None or buffer.numel() < size:
+            self.buffers.pop(slot, None)  # drop the smaller one before allocating its successor
+            buffer = self.buffers[slot] = torch.empty(size, dtype=self.dtype, device=self.device)
+        return buffer[:size].view(shape)
 
     def tick(self) -> None:
         if self.should_cancel is not None and self.should_cancel():
@@ -83,27 +96,43 @@ class _Activation:
         act._add_stats(act.data)
         return act
 
-    def _add_stats(self, tile: torch.Tensor) -> None:
-        # sum and vector_norm are single fast passes (var_mean is ~6x slower on CPU); float32 per tile, float64
-        # across tiles
+    def _add_stats(self, tile: torch.Tensor) -> torch.Tensor:
+        """Add the tile to the channel sums; returns its per-row L2 norms (B, C, H), an upper bound of every |value|.
+
+        Row norms then a float64 sum of their squares: one fast pass even over a cropped (strided) tile, where a
+        norm over both dims is ~4x slower on CPU (var_mean is ~6x slower still); float64 across rows and tiles."""
         tile = tile if tile.dtype == torch.float32 else tile.float()
         self.sums += tile.sum(dim=(2, 3)).to(torch.float64)
-        self.squares += torch.linalg.vector_norm(tile, dim=(2, 3)).to(torch.float64).square()
+        rows = torch.linalg.vector_norm(tile, dim=3)
+        self.squares += rows.to(torch.float64).square().sum(-1)
+        return rows
 
     def write(self, rows: slice, cols: slice, tile: torch.Tensor) -> None:
         """Store a tile and add it to the channel sums (taken before any rounding to storage)."""
-        self._add_stats(tile)
+        row_norms = self._add_stats(tile)
         whole = (rows.stop - rows.start, cols.stop - cols.start) == self.shape[2:]
         if whole and self.data is not None and self.data.dtype == torch.float32 and tile.dtype == torch.float32:
             self.data = tile  # one tile covers the layer: keep it, no copy
             return
-        if self.data.dtype == torch.float16 and not bool(tile.abs().max() < _FP16_SAFE):
+        # every |value| <= its row's norm, so a small largest row norm proves the tile fits float16 for free; only
+        # otherwise (or for inf/nan) look at the values themselves
+        if (self.data.dtype == torch.float16 and not bool(row_norms.amax() < _FP16_SAFE)
+                and not bool(tile.abs().max() < _FP16_SAFE)):
             self.data = self.data.to(torch.float32)  # e.g. SDXL's VAE: values beyond float16, keep exact
         self.data[:, :, rows, cols] = tile
 
-    def read(self, rows: slice, cols: slice, dtype: torch.dtype) -> torch.Tensor:
-        """A region in the compute dtype."""
-        return self.data[:, :, rows, cols].to(dtype)
+    def read(self, rows: slice, cols: slice, settings: _Settings, slot: int = 0) -> torch.Tensor:
+        """A region in the compute dtype, contiguous, in scratch slot `slot`: the caller may modify it in place."""
+        region = self.data[:, :, rows, cols]
+        return settings.scratch(slot, region.shape).copy_(region)
+
+    def region(self, rows: slice, cols: slice, settings: _Settings, slot: int = 1) -> torch.Tensor:
+        """A region in the compute dtype to read only: a view of the storage when it has that dtype already, else
+        a converted copy in scratch slot `slot` (a mixed-dtype add is several times slower than copy + add)."""
+        region = self.data[:, :, rows, cols]
+        if region.dtype == settings.dtype:
+            return region
+        return settings.scratch(slot, region.shape).copy_(region)
 
     def group_stats(self, norm) -> tuple[torch.Tensor, torch.Tensor]:
         """Per (batch, channel) scale and shift that apply `norm` (GroupNorm) with whole-image statistics."""
@@ -207,8 +236,11 @@ def _norm(tile: torch.Tensor, norm, stats) -> torch.Tensor:
     return torch.addcmul(shift.to(tile.dtype), tile, scale.to(tile.dtype))  # tile * scale + shift in one pass
 
 
-def _norm_silu(tile: torch.Tensor, norm, stats) -> torch.Tensor:
-    return F.silu(_norm(tile, norm, stats), inplace=True)
+def _norm_silu_(tile: torch.Tensor, norm, stats) -> torch.Tensor:
+    """GroupNorm then SiLU in place (the tile is a scratch copy): no fresh tensor, no page faults."""
+    scale, shift = stats
+    torch.addcmul(shift.to(tile.dtype), tile, scale.to(tile.dtype), out=tile)
+    return F.silu(tile, inplace=True)
 
 
 def _halo(conv) -> int:
@@ -224,9 +256,9 @@ def _same_layer(source: _Activation, out_channels: int, settings: _Settings, com
         settings.tick()
         grown_rows, top, bottom = _grow(rows, halo, h)
         grown_cols, left, right = _grow(cols, halo, w)
-        tile = _crop(compute(source.read(grown_rows, grown_cols, settings.dtype)), top, bottom, left, right)
+        tile = _crop(compute(source.read(grown_rows, grown_cols, settings)), top, bottom, left, right)
         if extra is not None:
-            tile = tile.add_(extra(rows, cols)) if tile.is_contiguous() else tile + extra(rows, cols)
+            tile.add_(extra(rows, cols))  # compute returned a fresh tensor, so adding in place is safe
         out.write(rows, cols, tile)
         settings.advance()
     return out
@@ -238,7 +270,7 @@ def _conv(source: _Activation, conv, settings: _Settings) -> _Activation:
 
 def _norm_conv(source: _Activation, norm, conv, settings: _Settings) -> _Activation:
     stats = source.group_stats(norm)
-    return _same_layer(source, conv.out_channels, settings, lambda t: conv(_norm_silu(t, norm, stats)), _halo(conv))
+    return _same_layer(source, conv.out_channels, settings, lambda t: conv(_norm_silu_(t, norm, stats)), _halo(conv))
 
 
 def _resnet(source: _Activation, block, settings: _Settings) -> _Activation:
@@ -247,22 +279,22 @@ def _resnet(source: _Activation, block, settings: _Settings) -> _Activation:
     shortcut = _shortcut(block)
 
     def compute(tile):
-        return block.conv2(_norm_silu(tile, block.norm2, stats))
+        return block.conv2(_norm_silu_(tile, block.norm2, stats))
 
     if shortcut is None:
         # out[region] needs source only at region, so it can overwrite source in place tile by tile
         target = _Activation(*source.shape, settings, storage=source.data)
         out = _same_layer(hidden, block.out_channels, settings, compute, _halo(block.conv2),
-                          extra=lambda r, c: source.read(r, c, settings.dtype), target=target)
+                          extra=lambda r, c: source.region(r, c, settings), target=target)
         source.data = None
         return out
     if _halo(shortcut) == 0:
         def short(r, c):
-            return shortcut(source.read(r, c, settings.dtype))
+            return shortcut(source.read(r, c, settings, slot=1))
     else:
         short_act = _conv(source, shortcut, settings)
         def short(r, c):
-            return short_act.read(r, c, settings.dtype)
+            return short_act.region(r, c, settings)
     return _same_layer(hidden, block.out_channels, settings, compute, _halo(block.conv2), extra=short)
 
 
@@ -275,7 +307,7 @@ def _attention(source: _Activation, block, settings: _Settings) -> _Activation:
     side = _side(settings, c)
     for rows, cols in _tiles(h, w, side):
         settings.tick()
-        normed = _norm(source.read(rows, cols, settings.dtype), block.norm, stats)
+        normed = _norm(source.read(rows, cols, settings), block.norm, stats)
         index = _flat_index(rows, cols, w, settings.device)
         keys[:, 0, index] = block.k(normed).flatten(2).transpose(1, 2)
         values[:, 0, index] = block.v(normed).flatten(2).transpose(1, 2)
@@ -310,7 +342,7 @@ def _upsample(source: _Activation, module, settings: _Settings) -> _Activation:
         settings.tick()
         grown_rows, top, bottom = _grow(rows, 1, h)
         grown_cols, left, right = _grow(cols, 1, w)
-        tile = module(source.read(grown_rows, grown_cols, settings.dtype))
+        tile = module(source.read(grown_rows, grown_cols, settings))
         tile = _crop(tile, 2 * top, 2 * bottom, 2 * left, 2 * right)
         out.write(slice(rows.start * 2, rows.stop * 2), slice(cols.start * 2, cols.stop * 2), tile)
         settings.advance()
@@ -326,8 +358,14 @@ def _downsample(source: _Activation, module, settings: _Settings) -> _Activation
         settings.tick()
         in_rows = slice(2 * rows.start, min(h, 2 * rows.stop + 1))
         in_cols = slice(2 * cols.start, min(w, 2 * cols.stop + 1))
-        tile = module(source.read(in_rows, in_cols, settings.dtype))
-        out.write(rows, cols, tile[:, :, :rows.stop - rows.start, :cols.stop - cols.start])
+        # the padded input straight into scratch (the module's zero pad only where the tile meets it), then the
+        # conv alone: no padded copy, and the output is exactly the tile
+        padded = settings.scratch(0, (b, c, 2 * (rows.stop - rows.start) + 1, 2 * (cols.stop - cols.start) + 1))
+        in_h, in_w = in_rows.stop - in_rows.start, in_cols.stop - in_cols.start
+        padded[:, :, :in_h, :in_w] = source.data[:, :, in_rows, in_cols]
+        padded[:, :, in_h:].zero_()
+        padded[:, :, :in_h, in_w:].zero_()
+        out.write(rows, cols, module.conv(padded))
         settings.advance()
     return out
 

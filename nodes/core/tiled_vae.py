@@ -5,6 +5,8 @@ every GroupNorm uses statistics of the whole image (per-channel sums gathered wh
 are written), and the mid-block self-attention runs over the whole image in query chunks. So the result equals
 the untiled one up to float rounding, with almost no extra compute; memory is the full activation between two
 layers (float16 when large and finite, else float32) instead of every intermediate of the untiled graph.
+Tile inputs are copied into scratch buffers reused from tile to tile (a fresh large tensor per tile costs a page
+fault per 4 KiB), and the run uses channels_last on CPU, where oneDNN's convs are fastest.
 
 Works on the host's `first_stage_model` by duck typing (SD1.x/SD2/SDXL/SD3/Flux-shaped AutoencoderKL:
 `encoder`/`decoder` made of conv_in, ResnetBlocks, AttnBlocks, Down/Upsample, norm_out, conv_out). Anything else
@@ -52,6 +54,7 @@ class _Settings:
 
     @property
     def memory_format(self) -> torch.memory_format:
+        """The layout of stored activations and scratch tiles."""
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
     def scratch(self, slot: int, shape) -> torch.Tensor:

@@ -5,6 +5,8 @@ every GroupNorm uses statistics of the whole image (per-channel sums gathered wh
 are written), and the mid-block self-attention runs over the whole image in query chunks. So the result equals
 the untiled one up to float rounding, with almost no extra compute; memory is the full activation between two
 layers (float16 when large and finite, else float32) instead of every intermediate of the untiled graph.
+Tile inputs are copied into scratch buffers reused from tile to tile (a fresh large tensor per tile costs a page
+fault per 4 KiB), and the run uses channels_last on CPU, where oneDNN's convs are fastest.
 
 Works on the host's `first_stage_model` by duck typing (SD1.x/SD2/SDXL/SD3/Flux-shaped AutoencoderKL:
 `encoder`/`decoder` made of conv_in, ResnetBlocks, AttnBlocks, Down/Upsample, norm_out, conv_out). Anything else
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +47,31 @@ class _Settings:
     storage_dtype: torch.dtype | None
     should_cancel: Callable[[], bool] | None
     progress: Callable[[int, int], None] | None
+    channels_last: bool = False
     done: int = 0
     total: int = 0
+    buffers: dict = field(default_factory=dict)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The layout of stored activations and scratch tiles."""
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def scratch(self, slot: int, shape) -> torch.Tensor:
+        """A dense compute-dtype tensor of `shape` (B, C, H, W) in the run's memory format, backed by a buffer
+        reused from tile to tile.
+
+        A fresh large tensor per tile costs as much as a pass over it (the allocator hands back new pages that fault
+        in on first touch), so tile inputs live in per-slot buffers kept for the whole run."""
+        size = math.prod(shape)
+        buffer = self.buffers.get(slot)
+        if buffer is None or buffer.numel() < size:
+            self.buffers.pop(slot, None)  # drop the smaller one before allocating its successor
+            buffer = self.buffers[slot] = torch.empty(size, dtype=self.dtype, device=self.device)
+        if self.channels_last:
+            b, c, h, w = shape
+            return buffer[:size].view(b, h, w, c).permute(0, 3, 1, 2)
+        return buffer[:size].view(shape)
 
     def tick(self) -> None:
         if self.should_cancel is not None and self.should_cancel():
@@ -72,38 +97,60 @@ class _Activation:
             if dtype is None:
                 small = batch * channels * height * width * 4 <= SMALL_ACTIVATION_BYTES
                 dtype = torch.float32 if small else torch.float16
-            self.data = torch.empty(self.shape, dtype=dtype, device=settings.device)
+            self.data = torch.empty(self.shape, dtype=dtype, device=settings.device,
+                                    memory_format=settings.memory_format)
         self.sums = torch.zeros(batch, channels, dtype=torch.float64, device=settings.device)
         self.squares = torch.zeros(batch, channels, dtype=torch.float64, device=settings.device)
 
     @classmethod
     def of(cls, tensor: torch.Tensor, settings: _Settings) -> _Activation:
         """Wrap an input tensor (kept float32) and gather its sums."""
-        act = cls(*tensor.shape, settings, storage=tensor.to(settings.device, torch.float32, copy=True))
+        storage = tensor.to(settings.device, torch.float32, memory_format=settings.memory_format, copy=True)
+        act = cls(*tensor.shape, settings, storage=storage)
         act._add_stats(act.data)
         return act
 
-    def _add_stats(self, tile: torch.Tensor) -> None:
-        # sum and vector_norm are single fast passes (var_mean is ~6x slower on CPU); float32 per tile, float64
-        # across tiles
+    def _add_stats(self, tile: torch.Tensor) -> torch.Tensor:
+        """Add the tile to the channel sums; returns its per-row L2 norms, an upper bound of every |value|.
+
+        Sums and norms along rows (W) first, as (B, H, C) in the order the tile's memory runs, then float64 across
+        rows and tiles: one fast pass even over a cropped (strided) tile, where reducing (H, W) at once is 4-20x
+        slower on CPU (var_mean slower still)."""
         tile = tile if tile.dtype == torch.float32 else tile.float()
-        self.sums += tile.sum(dim=(2, 3)).to(torch.float64)
-        self.squares += torch.linalg.vector_norm(tile, dim=(2, 3)).to(torch.float64).square()
+        channels_last = tile.stride(1) == 1 and tile.shape[1] > 1
+        rows = tile.permute(0, 2, 3, 1) if channels_last else tile.permute(0, 2, 1, 3)  # W is dim 2 / dim 3
+        along_w = 2 if channels_last else 3
+        self.sums += rows.sum(dim=along_w).to(torch.float64).sum(1)
+        norms = torch.linalg.vector_norm(rows, dim=along_w)
+        self.squares += norms.to(torch.float64).square().sum(1)
+        return norms
 
     def write(self, rows: slice, cols: slice, tile: torch.Tensor) -> None:
         """Store a tile and add it to the channel sums (taken before any rounding to storage)."""
-        self._add_stats(tile)
+        row_norms = self._add_stats(tile)
         whole = (rows.stop - rows.start, cols.stop - cols.start) == self.shape[2:]
         if whole and self.data is not None and self.data.dtype == torch.float32 and tile.dtype == torch.float32:
             self.data = tile  # one tile covers the layer: keep it, no copy
             return
-        if self.data.dtype == torch.float16 and not bool(tile.abs().max() < _FP16_SAFE):
+        # every |value| <= its row's norm, so a small largest row norm proves the tile fits float16 for free; only
+        # otherwise (or for inf/nan) look at the values themselves
+        if (self.data.dtype == torch.float16 and not bool(row_norms.amax() < _FP16_SAFE)
+                and not bool(tile.abs().max() < _FP16_SAFE)):
             self.data = self.data.to(torch.float32)  # e.g. SDXL's VAE: values beyond float16, keep exact
         self.data[:, :, rows, cols] = tile
 
-    def read(self, rows: slice, cols: slice, dtype: torch.dtype) -> torch.Tensor:
-        """A region in the compute dtype."""
-        return self.data[:, :, rows, cols].to(dtype)
+    def read(self, rows: slice, cols: slice, settings: _Settings, slot: int = 0) -> torch.Tensor:
+        """A region in the compute dtype, contiguous, in scratch slot `slot`: the caller may modify it in place."""
+        region = self.data[:, :, rows, cols]
+        return settings.scratch(slot, region.shape).copy_(region)
+
+    def region(self, rows: slice, cols: slice, settings: _Settings, slot: int = 1) -> torch.Tensor:
+        """A region in the compute dtype to read only: a view of the storage when it has that dtype already, else
+        a converted copy in scratch slot `slot` (a mixed-dtype add is several times slower than copy + add)."""
+        region = self.data[:, :, rows, cols]
+        if region.dtype == settings.dtype:
+            return region
+        return settings.scratch(slot, region.shape).copy_(region)
 
     def group_stats(self, norm) -> tuple[torch.Tensor, torch.Tensor]:
         """Per (batch, channel) scale and shift that apply `norm` (GroupNorm) with whole-image statistics."""
@@ -207,8 +254,11 @@ def _norm(tile: torch.Tensor, norm, stats) -> torch.Tensor:
     return torch.addcmul(shift.to(tile.dtype), tile, scale.to(tile.dtype))  # tile * scale + shift in one pass
 
 
-def _norm_silu(tile: torch.Tensor, norm, stats) -> torch.Tensor:
-    return F.silu(_norm(tile, norm, stats), inplace=True)
+def _norm_silu_(tile: torch.Tensor, norm, stats) -> torch.Tensor:
+    """GroupNorm then SiLU in place (the tile is a scratch copy): no fresh tensor, no page faults."""
+    scale, shift = stats
+    torch.addcmul(shift.to(tile.dtype), tile, scale.to(tile.dtype), out=tile)
+    return F.silu(tile, inplace=True)
 
 
 def _halo(conv) -> int:
@@ -224,9 +274,9 @@ def _same_layer(source: _Activation, out_channels: int, settings: _Settings, com
         settings.tick()
         grown_rows, top, bottom = _grow(rows, halo, h)
         grown_cols, left, right = _grow(cols, halo, w)
-        tile = _crop(compute(source.read(grown_rows, grown_cols, settings.dtype)), top, bottom, left, right)
+        tile = _crop(compute(source.read(grown_rows, grown_cols, settings)), top, bottom, left, right)
         if extra is not None:
-            tile = tile.add_(extra(rows, cols)) if tile.is_contiguous() else tile + extra(rows, cols)
+            tile.add_(extra(rows, cols))  # compute returned a fresh tensor, so adding in place is safe
         out.write(rows, cols, tile)
         settings.advance()
     return out
@@ -238,7 +288,7 @@ def _conv(source: _Activation, conv, settings: _Settings) -> _Activation:
 
 def _norm_conv(source: _Activation, norm, conv, settings: _Settings) -> _Activation:
     stats = source.group_stats(norm)
-    return _same_layer(source, conv.out_channels, settings, lambda t: conv(_norm_silu(t, norm, stats)), _halo(conv))
+    return _same_layer(source, conv.out_channels, settings, lambda t: conv(_norm_silu_(t, norm, stats)), _halo(conv))
 
 
 def _resnet(source: _Activation, block, settings: _Settings) -> _Activation:
@@ -247,22 +297,22 @@ def _resnet(source: _Activation, block, settings: _Settings) -> _Activation:
     shortcut = _shortcut(block)
 
     def compute(tile):
-        return block.conv2(_norm_silu(tile, block.norm2, stats))
+        return block.conv2(_norm_silu_(tile, block.norm2, stats))
 
     if shortcut is None:
         # out[region] needs source only at region, so it can overwrite source in place tile by tile
         target = _Activation(*source.shape, settings, storage=source.data)
         out = _same_layer(hidden, block.out_channels, settings, compute, _halo(block.conv2),
-                          extra=lambda r, c: source.read(r, c, settings.dtype), target=target)
+                          extra=lambda r, c: source.region(r, c, settings), target=target)
         source.data = None
         return out
     if _halo(shortcut) == 0:
         def short(r, c):
-            return shortcut(source.read(r, c, settings.dtype))
+            return shortcut(source.read(r, c, settings, slot=1))
     else:
         short_act = _conv(source, shortcut, settings)
         def short(r, c):
-            return short_act.read(r, c, settings.dtype)
+            return short_act.region(r, c, settings)
     return _same_layer(hidden, block.out_channels, settings, compute, _halo(block.conv2), extra=short)
 
 
@@ -275,25 +325,31 @@ def _attention(source: _Activation, block, settings: _Settings) -> _Activation:
     side = _side(settings, c)
     for rows, cols in _tiles(h, w, side):
         settings.tick()
-        normed = _norm(source.read(rows, cols, settings.dtype), block.norm, stats)
+        normed = _norm(source.read(rows, cols, settings), block.norm, stats)
         index = _flat_index(rows, cols, w, settings.device)
-        keys[:, 0, index] = block.k(normed).flatten(2).transpose(1, 2)
-        values[:, 0, index] = block.v(normed).flatten(2).transpose(1, 2)
+        keys[:, 0, index] = _positions(block.k(normed))
+        values[:, 0, index] = _positions(block.v(normed))
         settings.advance()
     chunk = max(1, ATTENTION_SCORE_ELEMENTS // (h * w))
 
     def compute(tile):
         normed = _norm(tile, block.norm, stats)
-        queries = block.q(normed).flatten(2).transpose(1, 2)[:, None]
+        queries = _positions(block.q(normed))[:, None]
         parts = [F.scaled_dot_product_attention(queries[:, :, i:i + chunk], keys, values)
                  for i in range(0, queries.shape[2], chunk)]
-        attended = torch.cat(parts, dim=2)[:, 0].transpose(1, 2).reshape(tile.shape)
+        b, c, h, w = tile.shape
+        attended = torch.cat(parts, dim=2)[:, 0].view(b, h, w, c).permute(0, 3, 1, 2)  # channels_last, no copy
         return tile + block.proj_out(attended)
 
     # out[region] needs source only at region (keys and values are already whole), so overwrite it in place
     out = _same_layer(source, c, settings, compute, 0, target=_Activation(*source.shape, settings, source.data))
     source.data = None
     return out
+
+
+def _positions(tile: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C): a view for channels_last tiles."""
+    return tile.permute(0, 2, 3, 1).reshape(tile.shape[0], -1, tile.shape[1])
 
 
 def _flat_index(rows: slice, cols: slice, width: int, device) -> torch.Tensor:
@@ -310,7 +366,7 @@ def _upsample(source: _Activation, module, settings: _Settings) -> _Activation:
         settings.tick()
         grown_rows, top, bottom = _grow(rows, 1, h)
         grown_cols, left, right = _grow(cols, 1, w)
-        tile = module(source.read(grown_rows, grown_cols, settings.dtype))
+        tile = module(source.read(grown_rows, grown_cols, settings))
         tile = _crop(tile, 2 * top, 2 * bottom, 2 * left, 2 * right)
         out.write(slice(rows.start * 2, rows.stop * 2), slice(cols.start * 2, cols.stop * 2), tile)
         settings.advance()
@@ -326,8 +382,14 @@ def _downsample(source: _Activation, module, settings: _Settings) -> _Activation
         settings.tick()
         in_rows = slice(2 * rows.start, min(h, 2 * rows.stop + 1))
         in_cols = slice(2 * cols.start, min(w, 2 * cols.stop + 1))
-        tile = module(source.read(in_rows, in_cols, settings.dtype))
-        out.write(rows, cols, tile[:, :, :rows.stop - rows.start, :cols.stop - cols.start])
+        # the padded input straight into scratch (the module's zero pad only where the tile meets it), then the
+        # conv alone: no padded copy, and the output is exactly the tile
+        padded = settings.scratch(0, (b, c, 2 * (rows.stop - rows.start) + 1, 2 * (cols.stop - cols.start) + 1))
+        in_h, in_w = in_rows.stop - in_rows.start, in_cols.stop - in_cols.start
+        padded[:, :, :in_h, :in_w] = source.data[:, :, in_rows, in_cols]
+        padded[:, :, in_h:].zero_()
+        padded[:, :, :in_h, in_w:].zero_()
+        out.write(rows, cols, module.conv(padded))
         settings.advance()
     return out
 
@@ -454,12 +516,17 @@ def _run(steps, tensor: torch.Tensor, settings: _Settings) -> torch.Tensor:
     return act.data.to(torch.float32)
 
 
-def _settings(model, device, dtype, tile_size, storage_dtype, should_cancel, progress) -> _Settings:
+def _settings(model, tensor, device, dtype, tile_size, storage_dtype, should_cancel, progress) -> _Settings:
     weight = next(model.parameters())
     device = torch.device(device) if device is not None else weight.device
     dtype = dtype or weight.dtype
     tile_elements = DEFAULT_TILE_ELEMENTS if tile_size is None else 128 * tile_size * tile_size
-    return _Settings(device, dtype, tile_elements, storage_dtype, should_cancel, progress)
+    # channels_last on CPU: oneDNN's convs run 10-20% faster on it (whole decode ~10%), and ComfyUI's images are
+    # (B, H, W, C), so the untiled encoder already runs channels_last. Elsewhere keep the input's layout, as the
+    # untiled network would.
+    channels_last = device.type == "cpu" or (tensor.is_contiguous(memory_format=torch.channels_last)
+                                             and not tensor.is_contiguous())
+    return _Settings(device, dtype, tile_elements, storage_dtype, should_cancel, progress, channels_last)
 
 
 def check_vae(first_stage_model) -> None:
@@ -481,7 +548,7 @@ def tiled_decode(first_stage_model, latent: torch.Tensor, tile_size: int | None 
     when finite, float32 otherwise). `should_cancel()` is asked before every tile of every layer.
     """
     steps = _decoder_steps(first_stage_model)
-    settings = _settings(first_stage_model, device, dtype, tile_size, storage_dtype, should_cancel, progress)
+    settings = _settings(first_stage_model, latent, device, dtype, tile_size, storage_dtype, should_cancel, progress)
     return _run(steps, latent, settings)
 
 
@@ -493,6 +560,6 @@ def tiled_encode(first_stage_model, pixels: torch.Tensor, tile_size: int | None 
     """Encode pixels (B, 3, H, W), already in the model's input range (the host VAE's `process_input`), like
     `first_stage_model.encode` (the Gaussian's mode), exactly, in tiles; returns float32 (B, C, H/8, W/8)."""
     steps = _encoder_steps(first_stage_model)
-    settings = _settings(first_stage_model, device, dtype, tile_size, storage_dtype, should_cancel, progress)
+    settings = _settings(first_stage_model, pixels, device, dtype, tile_size, storage_dtype, should_cancel, progress)
     moments = _run(steps, pixels, settings)
     return moments[:, :moments.shape[1] // 2]

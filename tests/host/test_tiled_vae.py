@@ -1,4 +1,5 @@
 """Exact tiled VAE against the host's own VAE classes (ComfyUI's AutoencoderKL) with seeded random weights."""
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -111,3 +112,45 @@ def test_unknown_shapes_raise_unsupported():
         tiled_vae.check_vae(vae)
     with pytest.raises(tiled_vae.UnsupportedVAE):
         tiled_vae.check_vae(torch.nn.Conv2d(3, 3, 1))
+
+
+def test_channels_first_layout_equals_untiled(monkeypatch):
+    """The layout used off CPU for contiguous inputs (CPU runs channels_last) gives the same result."""
+    original = tiled_vae._settings
+    monkeypatch.setattr(tiled_vae, "_settings", lambda *args: dataclasses.replace(original(*args), channels_last=False))
+    vae = random_vae(0, **SMALL)
+    latent = torch.randn(1, 4, 21, 30, generator=torch.Generator().manual_seed(6))
+    pixels = torch.rand(1, 3, 72, 50, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    with torch.no_grad():
+        expected, expected_latent = vae.decode(latent), vae.encode(pixels)
+    got = tiled_vae.tiled_decode(vae, latent, tile_size=24, storage_dtype=torch.float32)
+    got_latent = tiled_vae.tiled_encode(vae, pixels, tile_size=24, storage_dtype=torch.float32)
+    assert not got.is_contiguous(memory_format=torch.channels_last)
+    assert (got - expected).abs().max().item() < 1e-4
+    assert (got_latent - expected_latent).abs().max().item() < 1e-4
+
+
+def test_channels_last_image_encodes_like_untiled():
+    """ComfyUI's (B, H, W, C) images arrive channels_last."""
+    vae = random_vae(0, **SMALL)
+    image = torch.rand(2, 64, 80, 3, generator=torch.Generator().manual_seed(8))
+    pixels = image.movedim(-1, 1) * 2 - 1
+    with torch.no_grad():
+        expected = vae.encode(pixels)
+    got = tiled_vae.tiled_encode(vae, pixels, tile_size=24, storage_dtype=torch.float32)
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_values_beyond_float16_switch_storage_to_float32():
+    """Activations far past float16's range (forced float16 storage) stay exact instead of overflowing."""
+    vae = random_vae(0, **SMALL)
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(1e5)
+        vae.encoder.conv_in.bias.mul_(1e5)
+    pixels = torch.rand(1, 3, 48, 64, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    with torch.no_grad():
+        expected = vae.encode(pixels)
+        assert vae.encoder.conv_in(pixels).abs().max().item() > 70000  # the premise: float16 would overflow
+    got = tiled_vae.tiled_encode(vae, pixels, tile_size=24, storage_dtype=torch.float16)
+    assert torch.isfinite(got).all()
+    assert (got - expected).abs().max().item() < 1e-3 * max(1.0, expected.abs().max().item())

@@ -50,11 +50,11 @@ if [[ ! -f $ASTRIA_TEST_MODELS/.built ]]; then
 fi
 
 export ASTRIA_TEST_DEVICE=${ASTRIA_TEST_DEVICE:-gpu}  # cpu: a dry run of this script on a machine without a GPU
-part cuda_tests "${CUDA_TESTS_S:-120}" "$py" -m pytest -p no:cacheprovider -q -m host tests/host/test_cuda.py \
+part cuda_tests "${CUDA_TESTS_S:-120}" "$py" -m pytest -p no:cacheprovider -v --tb=short -m host tests/host/test_cuda.py \
     tests/host/test_tiling_nodes.py tests/host/test_tiled_vae.py
 part vae_tiling "${VAE_S:-240}" "$py" bench/vae_tiling.py ${VAE_ARGS:---sizes 512 1024 --full} \
     ${TD_FOLDER:+--td-folder "$TD_FOLDER"}
-part host_tier "${HOST_S:-150}" "$py" -m pytest -p no:cacheprovider -q -m host tests/host \
+part host_tier "${HOST_S:-150}" "$py" -m pytest -p no:cacheprovider -v --tb=short -m host tests/host \
     --ignore tests/host/test_cuda.py --ignore tests/host/test_tiling_nodes.py --ignore tests/host/test_tiled_vae.py
 part only_upscale "${UPSCALE_S:-150}" "$py" bench/only_upscale.py ${UPSCALE_ARGS:---gpu --sizes 512 1024} \
     --comfy-args "${COMFY_ARGS:-}"

@@ -6,6 +6,7 @@ import comfy.model_management
 import comfy.samplers
 import comfy.utils
 import psutil
+import torch
 
 from ..core import multidiffusion, tiled_vae, tiling
 
@@ -55,17 +56,37 @@ def _ours_supported(vae):
         return False
 
 
-def _with_oom_retry(run, tile_size, what):
-    """Run with tile_size; on a GPU out-of-memory retry once with half the tile, saying so in the log."""
+VRAM_SHARE_FOR_ACTIVATIONS = 0.5
+"""Keep the full activations on the GPU only when they take at most this share of its free memory (the tiles,
+the other models and the host's own work need the rest); else they live in RAM and tiles travel."""
+
+
+def _storage_device(vae, shape, encode):
+    """None (activations on the VAE's device) or the CPU, when the GPU's free memory is short for them."""
+    device = vae.device
+    if device.type == "cpu":
+        return None
+    needed = tiled_vae.stored_bytes(vae.first_stage_model, shape, encode)
+    free = comfy.model_management.get_free_memory(device)
+    if needed <= free * VRAM_SHARE_FOR_ACTIVATIONS:
+        return None
+    log.info("Astria tiled VAE: keeping activations in RAM (%.1f GB; %.1f GB of GPU memory free)",
+             needed / 2**30, free / 2**30)
+    return torch.device("cpu")
+
+
+def _with_oom_retry(run, tile_size, storage, what):
+    """Run with tile_size; on a GPU out-of-memory retry once with half the tile and the activations in RAM,
+    saying so in the log."""
     try:
-        return run(tile_size)
+        return run(tile_size, storage)
     except comfy.model_management.OOM_EXCEPTION:
         pass  # retried below, outside the handler: the traceback holds the failed try's tensors until it ends
     smaller = max(64, tile_size // 2)
-    log.warning("Astria tiled VAE %s ran out of GPU memory with %d px tiles; retrying with %d px tiles",
-                what, tile_size, smaller)
+    log.warning("Astria tiled VAE %s ran out of GPU memory with %d px tiles; retrying with %d px tiles and the "
+                "activations in RAM", what, tile_size, smaller)
     _release_failed_try()
-    return run(smaller)
+    return run(smaller, torch.device("cpu"))
 
 
 def _release_failed_try():
@@ -91,11 +112,13 @@ def encode(vae, pixels, tile_size, overlap=DEFAULT_OVERLAP_PX):
     model_input = vae.process_input(channels_first).to(vae.vae_dtype).to(vae.device)
     progress = _progress_bar()
 
-    def run(tile):
+    def run(tile, storage):
         return tiled_vae.tiled_encode(vae.first_stage_model, model_input, tile, device=vae.device,
-                                      dtype=vae.vae_dtype, should_cancel=_raise_if_interrupted, progress=progress)
+                                      dtype=vae.vae_dtype, should_cancel=_raise_if_interrupted, progress=progress,
+                                      storage_device=storage)
 
-    return _with_oom_retry(run, tile_size, "encode").to(vae.output_device).float()
+    storage = _storage_device(vae, model_input.shape, encode=True)
+    return _with_oom_retry(run, tile_size, storage, "encode").to(vae.output_device).float()
 
 
 def decode(vae, samples, tile_size, overlap=DEFAULT_OVERLAP_PX):
@@ -108,11 +131,12 @@ def decode(vae, samples, tile_size, overlap=DEFAULT_OVERLAP_PX):
     latent = samples.to(vae.vae_dtype).to(vae.device)
     progress = _progress_bar()
 
-    def run(tile):
+    def run(tile, storage):
         return tiled_vae.tiled_decode(vae.first_stage_model, latent, tile, device=vae.device, dtype=vae.vae_dtype,
-                                      should_cancel=_raise_if_interrupted, progress=progress)
+                                      should_cancel=_raise_if_interrupted, progress=progress, storage_device=storage)
 
-    decoded = _with_oom_retry(run, tile_size, "decode")
+    storage = _storage_device(vae, latent.shape, encode=False)
+    decoded = _with_oom_retry(run, tile_size, storage, "decode")
     return vae.process_output(decoded.to(vae.output_device).float()).movedim(1, -1)
 
 

@@ -32,7 +32,7 @@ def patched(patcher, key):
     """The weight of key with the patcher's LoRA patches applied by the host's own LoRA math."""
     import comfy.lora
 
-    base = patcher.model.state_dict()[key].detach().float().clone()
+    base = patcher.model.state_dict()[key].detach().float().cpu().clone()
     return comfy.lora.calculate_weight(patcher.patches.get(key, []), base, key)
 
 
@@ -45,8 +45,8 @@ def load(comfy_host, sd15, text, **widgets):
 def test_weights_move_by_weight_times_the_lora_delta(comfy_host, sd15):
     model, clip, _ = sd15
     key = unet_key(model)
-    base_unet = model.model.state_dict()[key].float()
-    base_clip = clip.patcher.model.state_dict()[CLIP_KEY].float()
+    base_unet = model.model.state_dict()[key].float().cpu()
+    base_clip = clip.patcher.model.state_dict()[CLIP_KEY].float().cpu()
     new_model, new_clip, report = load(comfy_host, sd15, "a cat <lora:tiny_sd15_lora:0.5>")
     unet_change = patched(new_model, key) - base_unet
     clip_change = patched(new_clip.patcher, CLIP_KEY) - base_clip
@@ -59,7 +59,7 @@ def test_weights_move_by_weight_times_the_lora_delta(comfy_host, sd15):
 def test_the_same_file_twice_adds_up_and_scales_apply(comfy_host, sd15):
     model, _, _ = sd15
     key = unet_key(model)
-    base = model.model.state_dict()[key].float()
+    base = model.model.state_dict()[key].float().cpu()
     new_model, _, report = load(comfy_host, sd15, "<lora:tiny_sd15_lora:0.5> <lora:tiny_sd15_lora.safetensors:0.25>",
                                 strength_model_scale=2.0)
     assert torch.allclose(patched(new_model, key) - base, 1.5 * lora_delta(UNET_LORA), atol=3e-3)

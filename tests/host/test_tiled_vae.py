@@ -1,4 +1,5 @@
 """Exact tiled VAE against the host's own VAE classes (ComfyUI's AutoencoderKL) with seeded random weights."""
+import copy
 import dataclasses
 import os
 import sys
@@ -154,3 +155,25 @@ def test_values_beyond_float16_switch_storage_to_float32():
     got = tiled_vae.tiled_encode(vae, pixels, tile_size=24, storage_dtype=torch.float16)
     assert torch.isfinite(got).all()
     assert (got - expected).abs().max().item() < 1e-3 * max(1.0, expected.abs().max().item())
+
+
+def test_stored_bytes_counts_the_largest_layer_twice_in_float16_plus_the_input():
+    vae = random_vae(0)
+    # decode: the 256-channel upsample output at full resolution is the largest layer
+    assert tiled_vae.stored_bytes(vae, (1, 4, 64, 64), encode=False) == 2 * 2 * 256 * 512 * 512 + 4 * 64 * 64 * 4
+    # encode: the 128-channel full-resolution layers, batch 2
+    assert tiled_vae.stored_bytes(vae, (2, 3, 512, 512), encode=True) == 2 * (2 * 2 * 128 * 512 * 512
+                                                                             + 3 * 512 * 512 * 4)
+
+
+def test_bfloat16_compute_is_as_close_to_float32_as_the_untiled_bfloat16_decode():
+    """GroupNorm's scale-and-shift runs in float32 for half dtypes (in bf16 it cancels catastrophically)."""
+    vae = random_vae(0)
+    latent = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = vae.decode(latent)
+        half = copy.deepcopy(vae).to(torch.bfloat16)
+        untiled_error = (half.decode(latent.to(torch.bfloat16)).float() - reference).abs().max().item()
+    tiled = tiled_vae.tiled_decode(half, latent.to(torch.bfloat16), tile_size=128)
+    tiled_error = (tiled - reference).abs().max().item()
+    assert tiled_error <= 1.5 * untiled_error, (tiled_error, untiled_error)

@@ -20,6 +20,9 @@ synchronize to a synchronize; peak = torch.cuda.max_memory_allocated() above the
 loaded (peak stats reset just before). The header names the card and torch version; the VAE's dtype is ComfyUI's
 choice (bf16 on recent cards) unless --vae-dtype says otherwise.
 
+`ours-ram` (only when asked for with --modes): ours with the activations between layers kept in RAM
+(`storage_device="cpu"`), what the nodes do when the GPU's free memory is short; on CPU it equals `ours`.
+
 `td`: TiledDiffusion's Tiled VAE (github.com/shiimizu/ComfyUI-TiledDiffusion, tiled_vae.py), a comparison only.
 Its licence forbids commercial use, so it is never copied into this repo or imported by the pack: the case process
 loads tiled_vae.py at run time from --td-folder (as a private package `_td_bench`, its __init__ not run), then does
@@ -53,7 +56,7 @@ import torch
 PACK_ROOT = Path(__file__).resolve().parent.parent
 SD_VAE_CONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
                  "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-MODES = ["untiled", "host", "ours", "td"]
+MODES = ["untiled", "host", "ours", "ours-ram", "td"]
 WARMUP_SIZE = 256
 TD_PACKAGE = "_td_bench"  # private name: TiledDiffusion's folder never becomes an importable top-level package
 
@@ -220,13 +223,15 @@ def make_cases(args, vae, tiled_vae, td, latent, image):
     lt, lo = args.tile // ratio, args.overlap // ratio
     model = vae.first_stage_model
 
-    def ours_decode():
-        raw = tiled_vae.tiled_decode(model, latent.to(vae.vae_dtype), tile_size=args.tile, device=vae.device)
+    def ours_decode(storage=None):
+        raw = tiled_vae.tiled_decode(model, latent.to(vae.vae_dtype), tile_size=args.tile, device=vae.device,
+                                     storage_device=storage)
         return vae.process_output(raw).movedim(1, -1).to(vae.output_device)
 
-    def ours_encode():
+    def ours_encode(storage=None):
         pixels = vae.process_input(vae.vae_encode_crop_pixels(image).movedim(-1, 1))
-        out = tiled_vae.tiled_encode(model, pixels.to(vae.vae_dtype), tile_size=args.tile, device=vae.device)
+        out = tiled_vae.tiled_encode(model, pixels.to(vae.vae_dtype), tile_size=args.tile, device=vae.device,
+                                     storage_device=storage)
         return out.to(vae.output_device)
 
     fast = args.td_fast == "on"
@@ -234,10 +239,12 @@ def make_cases(args, vae, tiled_vae, td, latent, image):
         ("decode", "untiled"): lambda: vae.decode(latent),
         ("decode", "host"): lambda: vae.decode_tiled(latent, tile_x=lt, tile_y=lt, overlap=lo),
         ("decode", "ours"): ours_decode,
+        ("decode", "ours-ram"): lambda: ours_decode("cpu"),
         ("decode", "td"): lambda: td_run(td, vae, "decode", args.tile, fast, latent),
         ("encode", "untiled"): lambda: vae.encode(image),
         ("encode", "host"): lambda: vae.encode_tiled(image, tile_x=args.tile, tile_y=args.tile, overlap=args.overlap),
         ("encode", "ours"): ours_encode,
+        ("encode", "ours-ram"): lambda: ours_encode("cpu"),
         ("encode", "td"): lambda: td_run(td, vae, "encode", args.tile, fast, image),
     }
 

@@ -6,7 +6,6 @@ import comfy.model_management
 import comfy.samplers
 import comfy.utils
 import psutil
-import torch
 
 from ..core import multidiffusion, tiled_vae, tiling
 
@@ -57,36 +56,48 @@ def _ours_supported(vae):
 
 
 VRAM_SHARE_FOR_ACTIVATIONS = 0.5
-"""Keep the full activations on the GPU only when they take at most this share of its free memory (the tiles,
-the other models and the host's own work need the rest); else they live in RAM and tiles travel."""
+"""Our exact path keeps each layer's full activation on the GPU; it runs there only when that takes at most this
+share of the free GPU memory (tiles, other models and the host's own work need the rest). Otherwise the host's
+tiled VAE runs: it holds only tiles. (Keeping the activations in RAM instead, `storage_device`, is exact but
+measured 70x the untiled time on an H200 at 2048 px: see docs/performance.md.)"""
 
 
-def _storage_device(vae, shape, encode):
-    """None (activations on the VAE's device) or the CPU, when the GPU's free memory is short for them."""
-    device = vae.device
-    if device.type == "cpu":
-        return None
+def _activations_fit(vae, shape, encode):
+    """Whether our exact path's stored activations fit the VAE device's free memory (always so on the CPU, where
+    `check_fits_in_memory` guards the images)."""
+    if vae.device.type == "cpu":
+        return True
     needed = tiled_vae.stored_bytes(vae.first_stage_model, shape, encode)
-    free = comfy.model_management.get_free_memory(device)
+    free = comfy.model_management.get_free_memory(vae.device)
     if needed <= free * VRAM_SHARE_FOR_ACTIVATIONS:
-        return None
-    log.info("Astria tiled VAE: keeping activations in RAM (%.1f GB; %.1f GB of GPU memory free)",
-             needed / 2**30, free / 2**30)
-    return torch.device("cpu")
+        return True
+    log.info("Astria tiled VAE: the exact path would hold %.1f GB of activations with %.1f GB of GPU memory free; "
+             "using ComfyUI's tiled VAE", needed / 2**30, free / 2**30)
+    return False
 
 
-def _with_oom_retry(run, tile_size, storage, what):
-    """Run with tile_size; on a GPU out-of-memory retry once with half the tile and the activations in RAM,
-    saying so in the log."""
+def _with_oom_retry(run_ours, run_host, tile_size, fits, what):
+    """Our exact path with tile_size (the host's tiled VAE when the activations do not fit); on a GPU out-of-memory
+    error retry once with half the tile, and if that fails too, the host's tiled VAE at half the tile. Each step
+    is said in the log."""
+    smaller = max(64, tile_size // 2)
+    if not fits():
+        return run_host(tile_size)
     try:
-        return run(tile_size, storage)
+        return run_ours(tile_size)
     except comfy.model_management.OOM_EXCEPTION:
         pass  # retried below, outside the handler: the traceback holds the failed try's tensors until it ends
-    smaller = max(64, tile_size // 2)
-    log.warning("Astria tiled VAE %s ran out of GPU memory with %d px tiles; retrying with %d px tiles and the "
-                "activations in RAM", what, tile_size, smaller)
+    log.warning("Astria tiled VAE %s ran out of GPU memory with %d px tiles; retrying with %d px tiles",
+                what, tile_size, smaller)
     _release_failed_try()
-    return run(smaller, torch.device("cpu"))
+    try:
+        return run_ours(smaller)
+    except comfy.model_management.OOM_EXCEPTION:
+        pass
+    log.warning("Astria tiled VAE %s ran out of GPU memory again; using ComfyUI's tiled VAE with %d px tiles",
+                what, smaller)
+    _release_failed_try()
+    return run_host(smaller)
 
 
 def _release_failed_try():
@@ -112,32 +123,43 @@ def encode(vae, pixels, tile_size, overlap=DEFAULT_OVERLAP_PX):
     model_input = vae.process_input(channels_first).to(vae.vae_dtype).to(vae.device)
     progress = _progress_bar()
 
-    def run(tile, storage):
+    def run_ours(tile):
         return tiled_vae.tiled_encode(vae.first_stage_model, model_input, tile, device=vae.device,
-                                      dtype=vae.vae_dtype, should_cancel=_raise_if_interrupted, progress=progress,
-                                      storage_device=storage)
+                                      dtype=vae.vae_dtype, should_cancel=_raise_if_interrupted, progress=progress)
 
-    storage = _storage_device(vae, model_input.shape, encode=True)
-    return _with_oom_retry(run, tile_size, storage, "encode").to(vae.output_device).float()
+    def run_host(tile):
+        return vae.encode_tiled(pixels, tile_x=tile, tile_y=tile, overlap=min(overlap, tile // 4))
+
+    latent = _with_oom_retry(run_ours, run_host, tile_size,
+                             lambda: _activations_fit(vae, model_input.shape, encode=True), "encode")
+    return latent.to(vae.output_device).float()
+
+
+def _host_decode(vae, samples, tile_size, overlap):
+    """The host's tiled decode with our pixel tile size and overlap (its arguments are in latent pixels)."""
+    tile = max(8, tile_size // 8)
+    return vae.decode_tiled(samples, tile_x=tile, tile_y=tile, overlap=min(overlap // 8, tile // 4))
 
 
 def decode(vae, samples, tile_size, overlap=DEFAULT_OVERLAP_PX):
     """(B, H, W, C) pixels in 0..1 of a latent tensor: our exact one-pass tiled decode, or the host's."""
     if not _ours_supported(vae):
-        tile = max(8, tile_size // 8)
-        return vae.decode_tiled(samples, tile_x=tile, tile_y=tile, overlap=overlap // 8)
+        return _host_decode(vae, samples, tile_size, overlap)
     vae.throw_exception_if_invalid()
     _load(vae, samples.shape, encode=False)
     latent = samples.to(vae.vae_dtype).to(vae.device)
     progress = _progress_bar()
 
-    def run(tile, storage):
-        return tiled_vae.tiled_decode(vae.first_stage_model, latent, tile, device=vae.device, dtype=vae.vae_dtype,
-                                      should_cancel=_raise_if_interrupted, progress=progress, storage_device=storage)
+    def run_ours(tile):
+        decoded = tiled_vae.tiled_decode(vae.first_stage_model, latent, tile, device=vae.device,
+                                         dtype=vae.vae_dtype, should_cancel=_raise_if_interrupted, progress=progress)
+        return vae.process_output(decoded.to(vae.output_device).float()).movedim(1, -1)
 
-    storage = _storage_device(vae, latent.shape, encode=False)
-    decoded = _with_oom_retry(run, tile_size, storage, "decode")
-    return vae.process_output(decoded.to(vae.output_device).float()).movedim(1, -1)
+    def run_host(tile):
+        return _host_decode(vae, samples, tile, overlap)
+
+    return _with_oom_retry(run_ours, run_host, tile_size, lambda: _activations_fit(vae, latent.shape, encode=False),
+                           "decode")
 
 
 def _resize_hint(hint, height, width):

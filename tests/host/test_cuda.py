@@ -64,10 +64,8 @@ def test_a_real_gpu_out_of_memory_is_retried_with_half_the_tile(comfy_host, sd15
     vae_tiling = comfy_host.pack_module.nodes.comfy.vae_tiling
     latent = _latent()
     with torch.inference_mode():
-        # the retry keeps activations in RAM: calibrate on that, and on the live bytes the allocator must find
-        half, half_peak = _peak_reserved(lambda: vae_tiling.tiled_vae.tiled_decode(
-            vae.first_stage_model, latent.to(vae.device, vae.vae_dtype), 512, device=vae.device,
-            dtype=vae.vae_dtype, storage_device="cpu"), allocated=True)
+        # calibrated on the live bytes the allocator must find (reserved memory includes reusable cache)
+        half, half_peak = _peak_reserved(lambda: vae_tiling.decode(vae, latent, 512), allocated=True)
         _, whole_peak = _peak_reserved(lambda: vae_tiling.decode(vae, latent, 1024), allocated=True)
     assert whole_peak > half_peak * 1.2, (half_peak, whole_peak)  # the limit below must sit between them
     limit = (half_peak + whole_peak) / 2
@@ -79,10 +77,8 @@ def test_a_real_gpu_out_of_memory_is_retried_with_half_the_tile(comfy_host, sd15
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
-    assert "ran out of GPU memory with 1024 px tiles; retrying with 512 px tiles and the activations in RAM" in (
-        caplog.text)
-    expected = vae.process_output(half.float()).movedim(1, -1)
-    assert (retried.float() - expected).abs().max().item() < 1e-3
+    assert "ran out of GPU memory with 1024 px tiles; retrying with 512 px tiles" in caplog.text
+    assert (retried.float() - half.float()).abs().max().item() < 1e-3
 
 
 def test_a_real_gpu_out_of_memory_in_tiled_diffusion_is_retried(comfy_host, sd15, caplog):

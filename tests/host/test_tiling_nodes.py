@@ -1,4 +1,5 @@
 """Astria VAE Encode/Decode (Tiled) and Astria Tiled Diffusion as ComfyUI nodes on the test models."""
+import pytest
 import torch
 
 from .conftest import run_node
@@ -8,11 +9,12 @@ from .test_only_upscale import picture
 def test_tiled_vae_nodes_equal_untiled_with_the_pixel_vae(comfy_host, sd15_pixel):
     _, _, vae = sd15_pixel
     image = picture(200, 136, seed=7)
-    tolerance = 1e-4 if vae.vae_dtype == torch.float32 else 2e-2  # bf16/fp16 VAEs on a GPU round at 2^-8
+    # bf16/fp16 VAEs on a GPU: a rounding step or two apart (latents reach 4, where a bf16 step is 1/32)
+    tolerance, relative = (1e-4, 0) if vae.vae_dtype == torch.float32 else (2e-2, 1 / 64)
     with torch.inference_mode():
         untiled_latent = vae.encode(image)
         latent = run_node(comfy_host, "AstriaVAEEncodeTiled", pixels=image, vae=vae, tile_size=64, overlap=0)[0]
-        assert torch.allclose(latent["samples"], untiled_latent, atol=tolerance)
+        assert torch.allclose(latent["samples"], untiled_latent, atol=tolerance, rtol=relative)
         untiled = vae.decode(untiled_latent)
         decoded = run_node(comfy_host, "AstriaVAEDecodeTiled", samples=latent, vae=vae, tile_size=64, overlap=0)[0]
     assert decoded.shape == untiled.shape == (1, 200, 136, 3)
@@ -71,3 +73,31 @@ def test_out_of_memory_retries_once_with_smaller_tiles(comfy_host, sd15_pixel, m
     assert out["samples"].shape == (1, 4, 80, 80)
     assert max(seen[0]) > 32 and all(max(shape) <= 32 for shape in seen[1:]), seen
     assert "ran out of GPU memory" in caplog.text
+
+
+@pytest.mark.parametrize("failures", [1, 2])
+def test_vae_out_of_memory_retries_with_half_tiles_then_uses_the_hosts_tiled_vae(comfy_host, sd15_pixel, monkeypatch,
+                                                                                  caplog, failures):
+    import comfy.model_management as mm
+
+    vae_tiling = comfy_host.pack_module.nodes.comfy.vae_tiling
+    real_decode = vae_tiling.tiled_vae.tiled_decode
+    tiles = []
+
+    def flaky_decode(model, latent, tile_size=None, **options):
+        tiles.append(tile_size)
+        if len(tiles) <= failures:
+            raise mm.OOM_EXCEPTION("CUDA out of memory (simulated)")
+        return real_decode(model, latent, tile_size, **options)
+
+    monkeypatch.setattr(vae_tiling.tiled_vae, "tiled_decode", flaky_decode)
+    _, _, vae = sd15_pixel
+    samples = torch.randn(1, 4, 48, 40, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        decoded = vae_tiling.decode(vae, samples, 256)
+        expected = vae.decode(samples) if failures == 1 else vae.decode_tiled(samples, tile_x=16, tile_y=16,
+                                                                              overlap=4)
+    assert tiles == [256, 128]
+    assert "ran out of GPU memory with 256 px tiles; retrying with 128 px tiles" in caplog.text
+    assert ("using ComfyUI's tiled VAE with 128 px tiles" in caplog.text) == (failures == 2)
+    assert (decoded - expected).abs().max().item() < 1e-4

@@ -324,6 +324,18 @@ def _resnet(source: _Activation, block, settings: _Settings) -> _Activation:
     if _halo(shortcut) == 0:
         def short(r, c):
             return shortcut(source.read(r, c, settings, slot=1))
+
+        if block.out_channels <= block.in_channels:
+            # out[region] needs source only at region (1x1 shortcut; conv2 reads `hidden`), so out can live in
+            # source's first channels, written tile by tile after that tile's shortcut is read: the decoder's first
+            # full-resolution block then holds two activations instead of three (its peak, 1 GB less at 2048 px)
+            b, _, h, w = source.shape
+            target = _Activation(b, block.out_channels, h, w, settings,
+                                 storage=source.data[:, :block.out_channels])
+            out = _same_layer(hidden, block.out_channels, settings, compute, _halo(block.conv2), extra=short,
+                              target=target)
+            source.data = None
+            return out
     else:
         short_act = _conv(source, shortcut, settings)
         def short(r, c):

@@ -442,12 +442,7 @@ def _decoder_steps(model) -> list[tuple[str, object]]:
     steps += _mid_steps(decoder.mid, "decoder.mid")
     for level in reversed(range(len(decoder.up))):
         up = decoder.up[level]
-        for i, block in enumerate(up.block):
-            _check_resnet(block, f"decoder.up[{level}].block[{i}]")
-            steps.append(("resnet", block))
-            if len(up.attn) > 0:
-                _check_attention(up.attn[i], f"decoder.up[{level}].attn[{i}]")
-                steps.append(("attention", up.attn[i]))
+        steps += _level_steps(up, f"decoder.up[{level}]")
         if hasattr(up, "upsample"):
             _require(getattr(up.upsample, "with_conv", False) and _is_conv(up.upsample.conv, 3)
                      and getattr(up.upsample, "scale_factor", 2.0) in (2, 2.0), f"decoder.up[{level}].upsample")
@@ -469,12 +464,7 @@ def _encoder_steps(model) -> list[tuple[str, object]]:
     _check_same_conv(encoder.conv_in, "encoder.conv_in")
     steps: list[tuple[str, object]] = [("conv", encoder.conv_in)]
     for level, down in enumerate(encoder.down):
-        for i, block in enumerate(down.block):
-            _check_resnet(block, f"encoder.down[{level}].block[{i}]")
-            steps.append(("resnet", block))
-            if len(down.attn) > 0:
-                _check_attention(down.attn[i], f"encoder.down[{level}].attn[{i}]")
-                steps.append(("attention", down.attn[i]))
+        steps += _level_steps(down, f"encoder.down[{level}]")
         if hasattr(down, "downsample"):
             _require(getattr(down.downsample, "with_conv", False) and _is_conv(down.downsample.conv, 3, 2)
                      and tuple(down.downsample.conv.padding) == (0, 0), f"encoder.down[{level}].downsample")
@@ -487,6 +477,18 @@ def _encoder_steps(model) -> list[tuple[str, object]]:
     if quant is not None:
         _check_same_conv(quant, "quant_conv")
         steps.append(("conv", quant))
+    return steps
+
+
+def _level_steps(level, name: str) -> list[tuple[str, object]]:
+    """One resolution level's resnet blocks, each followed by its attention block where the level has them."""
+    steps: list[tuple[str, object]] = []
+    for i, block in enumerate(level.block):
+        _check_resnet(block, f"{name}.block[{i}]")
+        steps.append(("resnet", block))
+        if len(level.attn) > 0:
+            _check_attention(level.attn[i], f"{name}.attn[{i}]")
+            steps.append(("attention", level.attn[i]))
     return steps
 
 

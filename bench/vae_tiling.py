@@ -54,8 +54,6 @@ from pathlib import Path
 import torch
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
-SD_VAE_CONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-                 "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 MODES = ["untiled", "host", "ours", "ours-ram", "td"]
 WARMUP_SIZE = 256
 TD_PACKAGE = "_td_bench"  # private name: TiledDiffusion's folder never becomes an importable top-level package
@@ -124,19 +122,12 @@ def measure(fn, cuda: bool):
 
 
 def write_random_vae(path: Path, seed: int) -> None:
-    """An SD VAE state dict with seeded random weights (scaled so activations stay in a realistic range)."""
-    from comfy.ldm.models.autoencoder import AutoencoderKL
+    """The SD VAE with seeded random weights (tests/support/random_vae.py), saved as a state dict."""
     from safetensors.torch import save_file
-    torch.manual_seed(seed)
-    model = AutoencoderKL(ddconfig=SD_VAE_CONFIG, embed_dim=4)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 4:
-                torch.nn.init.kaiming_uniform_(p, a=1.0)
-            elif "norm" in name and name.endswith("weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.uniform_(-0.1, 0.1)
+
+    import_pack()
+    from comfyui_astria.tests.support.random_vae import random_vae
+    model = random_vae(seed)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 

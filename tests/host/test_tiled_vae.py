@@ -19,29 +19,9 @@ if str(COMFY) not in sys.path:
 import comfy.cli_args
 
 comfy.cli_args.args.cpu = paths.HOST_ON_CPU  # before comfy.model_management is imported
-from comfy.ldm.models.autoencoder import AutoencoderKL  # noqa: E402
 
 from comfyui_astria.nodes.core import tiled_vae  # noqa: E402
-
-SD_CONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-             "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-
-
-def random_vae(seed, **changes):
-    """An AutoencoderKL as the host builds it for SD, with seeded random weights scaled to keep activations sane."""
-    config = dict(SD_CONFIG, **changes)
-    torch.manual_seed(seed)
-    model = AutoencoderKL(ddconfig=config, embed_dim=config["z_channels"])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 4:
-                torch.nn.init.kaiming_uniform_(p, a=1.0)
-            elif "norm" in name and name.endswith("weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.uniform_(-0.1, 0.1)
-    return model.eval()
-
+from comfyui_astria.tests.support.random_vae import random_vae  # noqa: E402
 
 SMALL = {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1}
 

@@ -4,7 +4,8 @@ Every 3x3 conv sees its true neighbours (a 1-px halo per conv, the image border 
 every GroupNorm uses statistics of the whole image (per-channel sums gathered while the previous layer's tiles
 are written), and the mid-block self-attention runs over the whole image in query chunks. So the result equals
 the untiled one up to float rounding, with almost no extra compute; memory is the full activation between two
-layers (float16 when large and finite, else float32) instead of every intermediate of the untiled graph.
+layers (a half compute dtype's tiles as computed; float32 ones in float16 when large and finite) instead of every
+intermediate of the untiled graph.
 Tile inputs are copied into scratch buffers reused from tile to tile (a fresh large tensor per tile costs a page
 fault per 4 KiB), and the run uses channels_last on CPU, where oneDNN's convs are fastest.
 
@@ -89,6 +90,17 @@ class _Settings:
             self.progress(self.done, self.total)
 
 
+def _default_storage_dtype(elements: int, settings: _Settings) -> torch.dtype:
+    """How a full activation is kept between layers when the caller does not say.
+
+    Tiles come out in the compute dtype, so a bfloat16/float16 run keeps them as they are: lossless, and no
+    float16 range check (each check is a GPU sync that stalls the launch queue, once per tile). A float32 run keeps
+    small activations in float32 and large ones in float16, checked tile by tile (`_Activation.write`)."""
+    if settings.dtype in (torch.bfloat16, torch.float16):
+        return settings.dtype
+    return torch.float32 if elements * 4 <= SMALL_ACTIVATION_BYTES else torch.float16
+
+
 class _Activation:
     """A full (B, C, H, W) activation kept between layers, with per-channel sums for the next GroupNorm."""
 
@@ -99,10 +111,7 @@ class _Activation:
         if storage is not None:
             self.data = storage
         else:
-            dtype = settings.storage_dtype
-            if dtype is None:
-                small = batch * channels * height * width * 4 <= SMALL_ACTIVATION_BYTES
-                dtype = torch.float32 if small else torch.float16
+            dtype = settings.storage_dtype or _default_storage_dtype(batch * channels * height * width, settings)
             self.data = torch.empty(self.shape, dtype=dtype, device=settings.store,
                                     memory_format=settings.memory_format)
         self.sums = torch.zeros(batch, channels, dtype=torch.float64, device=settings.device)
@@ -141,8 +150,8 @@ class _Activation:
             return
         # every |value| <= its row's norm, so a small largest row norm proves the tile fits float16 for free; only
         # otherwise (or for inf/nan) look at the values themselves
-        if (self.data.dtype == torch.float16 and not bool(row_norms.amax() < _FP16_SAFE)
-                and not bool(tile.abs().max() < _FP16_SAFE)):
+        if (self.data.dtype == torch.float16 and tile.dtype != torch.float16
+                and not bool(row_norms.amax() < _FP16_SAFE) and not bool(tile.abs().max() < _FP16_SAFE)):
             self.data = self.data.to(torch.float32)  # e.g. SDXL's VAE: values beyond float16, keep exact
         self.data[:, :, rows, cols].copy_(tile)  # also across devices when activations are kept in RAM
 
@@ -592,8 +601,8 @@ def tiled_decode(first_stage_model, latent: torch.Tensor, tile_size: int | None 
     in the model's output range (-1..1 for SD; apply the host VAE's `process_output`).
 
     `tile_size` (pixels at the full-resolution layers; deeper layers use the same element budget) bounds the
-    per-tile memory; `storage_dtype` forces the between-layer storage (default: float32 when small, float16
-    when finite, float32 otherwise). `should_cancel()` is asked before every tile of every layer.
+    per-tile memory; `storage_dtype` forces the between-layer storage (default: the compute dtype when that is
+    bfloat16/float16; for float32, float32 when small, float16 when finite, float32 otherwise). `should_cancel()` is asked before every tile of every layer.
     `storage_device` keeps the full activations between layers elsewhere than `device` (e.g. the CPU when the
     GPU's memory is short: tiles then travel to the GPU and back; see `stored_bytes`).
     """

@@ -157,3 +157,24 @@ def test_bfloat16_compute_is_as_close_to_float32_as_the_untiled_bfloat16_decode(
     tiled = tiled_vae.tiled_decode(half, latent.to(torch.bfloat16), tile_size=128)
     tiled_error = (tiled - reference).abs().max().item()
     assert tiled_error <= 1.5 * untiled_error, (tiled_error, untiled_error)
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_half_compute_keeps_activations_in_its_own_dtype_losslessly(monkeypatch, half):
+    """A bfloat16/float16 run stores its tiles as computed: no float32 copies, no float16 range check (a GPU sync
+    per tile), and the same result as float32 storage, bit for bit."""
+    vae = copy.deepcopy(random_vae(0)).to(half)
+    latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(6)).to(half)
+    stored = []
+    write = tiled_vae._Activation.write
+
+    def spy(self, rows, cols, tile):
+        stored.append(self.data.dtype)
+        return write(self, rows, cols, tile)
+
+    monkeypatch.setattr(tiled_vae._Activation, "write", spy)
+    got = tiled_vae.tiled_decode(vae, latent, tile_size=48)
+    assert stored and set(stored) == {half}
+    monkeypatch.setattr(tiled_vae._Activation, "write", write)
+    exact = tiled_vae.tiled_decode(vae, latent, tile_size=48, storage_dtype=torch.float32)
+    assert torch.equal(got, exact)

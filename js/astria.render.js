@@ -78,8 +78,11 @@ function settingsRow(settings) {
   const s = settings;
   const size = s.width || s.height ? `${s.width || "auto"}x${s.height || "auto"}` : "from the node's scale";
   const seed = s.seed === null ? "the node's seed" : `seed ${s.seed}`;
+  const fromNode = (s.from_node || []).length
+    ? `; unset here, so the upscale node's widgets decide (defaults shown): ${s.from_node.join(", ")}` : "";
   return row("Local run", [`${s.steps} steps (${s.steps_to_run} run) at denoise ${shown(s.denoise)}, cfg ${shown(s.cfg)}, ` +
-    `${s.sampler_name}/${s.scheduler}, ${seed}, ${s.num_images} image(s), size ${size}, weighting ${s.weighting}`]);
+    `${s.sampler_name}/${s.scheduler}, ${seed}, ${s.num_images} image(s), size ${size}, weighting ${s.weighting}` +
+    fromNode]);
 }
 
 /** Fill `container` with the preview of one parse answer (replacing what it showed). */

@@ -74,7 +74,7 @@ def settings_report(prompt: syntax.AstriaPrompt) -> dict:
             "cfg": understood.cfg, "sampler_name": understood.sampler_name, "scheduler": understood.scheduler,
             "seed": understood.seed if prompt.is_set("seed") else None, "num_images": understood.num_images,
             "width": understood.width, "height": understood.height, "weighting": understood.weighting,
-            "control_strength": understood.control_strength,
+            "control_strength": understood.control_strength, "from_node": list(understood.from_node),
         },
         "applied": [{"item": note.item, "detail": note.detail} for note in understood.applied],
         "not_applied": [{"item": note.item, "detail": note.detail, "kind": note_kind(note.detail)}

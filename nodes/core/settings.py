@@ -71,6 +71,9 @@ class SamplerSettings:
     not_applied: tuple[SettingNote, ...]
     notices: tuple[str, ...]
     warnings: tuple[str, ...]
+    from_node: tuple[str, ...] = ()
+    """The settings the prompt leaves unset, so the node's widgets decide them (steps, denoise, cfg, sampler,
+    seed, size): a preview without the node shows the widgets' defaults for these."""
 
     def target_size(self, input_width: int, input_height: int) -> tuple[int, int]:
         """The output size for an input: w and h as given; one of them: the other keeps the aspect; none: scale.
@@ -108,6 +111,8 @@ class SamplerSettings:
         lines += [f"Applied: {note.item}: {note.detail}" for note in self.applied if note.detail not in (OFF, UNSET)]
         if idle:
             lines.append("Off or unset, nothing to do: " + ", ".join(idle))
+        if self.from_node:
+            lines.append("Unset in the prompt, so from the node's widgets: " + ", ".join(self.from_node))
         lines += [f"Not applied: {note.item}: {note.detail}" for note in self.not_applied]
         lines += [f"Notice: {notice}" for notice in self.notices]
         lines += [f"Warning: {warning}" for warning in self.warnings]
@@ -155,8 +160,21 @@ def sampler_settings(prompt: AstriaPrompt, defaults: SamplerDefaults) -> Sampler
         num_images=num_images, seeds=seeds, width=width, height=height, scale=defaults.scale, weighting=weighting,
         control_strength=control_strength, start_step=start_step, steps_to_run=steps_to_run, loras=prompt.loras,
         applied=tuple(notes.applied_notes), not_applied=tuple(notes.not_applied_notes), notices=tuple(notes.notices),
-        warnings=prompt.warnings,
+        warnings=prompt.warnings, from_node=left_to_node(prompt),
     )
+
+
+def left_to_node(prompt: AstriaPrompt) -> tuple[str, ...]:
+    """Which of steps, denoise, cfg, sampler, seed and size the prompt leaves to the node's widgets."""
+    unset = {
+        "steps": not prompt.param("steps"),  # steps=0 is Astria's default: the node's steps
+        "denoise": prompt.param("denoising_strength") is None,
+        "cfg": prompt.param("cfg_scale") is None,
+        "sampler": prompt.param("scheduler") is None,
+        "seed": prompt.param("seed") is None,
+        "size": prompt.param("w") is None and prompt.param("h") is None,
+    }
+    return tuple(name for name, is_unset in unset.items() if is_unset)
 
 
 class _Notes:

@@ -113,6 +113,7 @@ def test_the_example_prompt_previews_its_loras_settings_and_flags(page):
     assert f"<lora:SDXLrender_v2.0:1> → {DEMO_LORA} (alias)" in text
     assert "--only_upscale" in text
     assert "16 steps (2 run) at denoise 0.1" in text
+    assert "unset here, so the upscale node's widgets decide (defaults shown): seed, size" in text
     assert page.astria_errors == []
 
 

@@ -49,6 +49,7 @@ def test_parse_reports_loras_flags_params_and_the_local_settings(server):
     settings = report["settings"]
     assert (settings["steps"], settings["steps_to_run"], settings["denoise"], settings["cfg"]) == (16, 2, 0.1, 6.0)
     assert (settings["sampler_name"], settings["scheduler"], settings["seed"]) == ("euler_ancestral", "normal", None)
+    assert settings["from_node"] == ["seed", "size"]
     assert {"item": "--only_upscale", "detail": "an only-upscale run, as this node does"} in report["applied"]
     assert report["not_applied"] == [] and report["settings_error"] is None
 

@@ -216,3 +216,13 @@ def test_summary_lines():
 def test_bad_node_defaults_are_errors(bad):
     with pytest.raises(AstriaSettingsError):
         settings_of("x", **bad)
+
+
+def test_settings_the_prompt_leaves_unset_are_named_as_the_nodes():
+    """steps=0 (Astria's default), an empty seed and missing keys leave the value to the node's widgets."""
+    result = settings_of("a cat --only_upscale\nsteps=0\nseed=\ncfg_scale=5\nw=1024")
+    assert result.from_node == ("steps", "denoise", "sampler", "seed")
+    assert "Unset in the prompt, so from the node's widgets: steps, denoise, sampler, seed" in result.summary_lines()
+    everything = settings_of("a cat\nsteps=20\ndenoising_strength=0.2\ncfg_scale=5\nscheduler=euler\nseed=3\nh=512")
+    assert everything.from_node == ()
+    assert not any(line.startswith("Unset in the prompt") for line in everything.summary_lines())

@@ -905,3 +905,23 @@ def test_cancel_during_a_429_backoff_on_create_says_nothing_was_billed():
 
     fake, error, stopped_at = scenario(run, journal=journal)
     assert stopped_at <= 11.0 and "nothing was billed" in str(error) and len(fake.creates()) == 1
+
+
+def test_a_create_that_cannot_connect_is_retried_and_fails_saying_nothing_was_created():
+    journal = JobJournal(None)
+    clock = FakeClock()
+
+    async def main():
+        async with FakeAstria(clock, KEY) as fake:
+            closed = fake.base_url
+        client = AstriaClient(closed, KEY, clock=clock, sleep=clock.sleep, wall_clock=clock.wall, journal=journal,
+                              retry=RetryPolicy(base_s=1.0, jitter=0.0, deadline_s=10.0), settle_s=60.0)
+        async with client:
+            with pytest.raises(AstriaTimeout) as caught:
+                await client.run_job(TUNE, FIELDS, INPUT_PNG, seed=5)
+        return caught.value
+
+    error = asyncio.run(main())
+    assert clock() == 7.0  # backoff 1 + 2 + 4 s (8 more would pass 10 s), no 60 s settle: nothing was ever sent
+    assert "nothing was created" in str(error) and "could not connect" in str(error)
+    assert journal.latest_attempt(job_key(TUNE, FIELDS, INPUT_PNG)).state == "failed"

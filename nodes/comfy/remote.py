@@ -55,7 +55,8 @@ def load_key() -> tuple[str, Path]:
 def remote_fields(prompt) -> tuple[dict, list[str]]:
     """The `prompt[...]` form fields for a parsed prompt (without the seed) and notices about what was changed."""
     notices = []
-    text = prompt.astria_text()
+    # As pasted: Astria reads tags where they stand (`<faceid:ID:1> NAME` needs the class name right after the tag).
+    text = prompt.text_as_written()
     if not prompt.has_flag("only_upscale"):
         text = f"{text} --only_upscale".strip()
         notices.append("The prompt had no --only_upscale; it was added, as this node only upscales.")

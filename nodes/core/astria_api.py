@@ -9,12 +9,14 @@ Authorization header of requests to the API's own origin.
 from __future__ import annotations
 
 import asyncio
+import html
 import io
 import json
 import logging
 import math
 import os
 import random
+import re
 import stat
 import time
 import warnings
@@ -44,6 +46,11 @@ LIST_MAX_PAGES = 10
 DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 8192 * 8192
 MAX_API_BODY_BYTES = 8 * 1024 * 1024
+MIN_RETRY_AFTER_S = 1.0  # a Retry-After of 0 (or a date already past) must not turn retries into a busy loop
+SERVER_TEXT_CHARS = 500
+# Declared types an image may come with besides image/*: object stores often serve images as plain bytes. Any other
+# declared type (text/html, application/json, XML) is an error page, even when its bytes happen to decode.
+IMAGE_BYTE_TYPES = ("", "application/octet-stream", "binary/octet-stream", "application/binary")
 STATUS_STAGES = ("creating", "settling", "created", "resumed", "rendering", "downloading", "delivered")
 
 StatusCallback = Callable[[str, str], None]
@@ -104,6 +111,7 @@ class AstriaCancelled(AstriaError):
             text = "Cancelled before anything was created on Astria: nothing was billed."
         super().__init__(text)
         self.prompt_id = prompt_id
+        self.maybe_created = maybe_created
 
 
 class AstriaAmbiguousCreate(AstriaError):
@@ -279,6 +287,36 @@ def _as_prompt(payload: Any) -> Optional[dict]:
     return None
 
 
+_HTML_HIDDEN = re.compile(r"<(script|style)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
+_HTML_TAG = re.compile(r"<[^>]*>")
+
+
+def _readable(payload: Any) -> str:
+    """Flatten a JSON error (`{"errors": {"text": ["can't be blank"]}}`, lists, nested dicts) into one sentence."""
+    if payload is None or payload == "":
+        return ""
+    if isinstance(payload, str):
+        return payload.strip()
+    if isinstance(payload, list):
+        return "; ".join(text for text in (_readable(item) for item in payload) if text)
+    if isinstance(payload, dict):
+        parts = []
+        for name, value in payload.items():
+            text = _readable(value)
+            if text:
+                parts.append(f"{name}: {text}")
+        return "; ".join(parts)
+    return str(payload)
+
+
+def _plain_text(body: bytes) -> str:
+    """Return a non-JSON body as one line of text: an HTML/XML page (a proxy's error page) without its markup."""
+    text = body.decode("utf-8", "replace").strip()
+    if text.startswith("<"):
+        text = html.unescape(_HTML_TAG.sub(" ", _HTML_HIDDEN.sub(" ", text)))
+    return " ".join(text.split())
+
+
 def _json_or_none(body: bytes) -> Any:
     try:
         return json.loads(body.decode("utf-8"))
@@ -386,15 +424,20 @@ class AstriaClient:
         return text.replace(self._key.reveal(), "***") if text else text
 
     def _server_text(self, body: bytes) -> str:
+        """Return the error a server sent, as readable text (JSON in any shape, plain text, HTML), key removed."""
         payload = _json_or_none(body)
         if isinstance(payload, dict):
-            for name in ("error", "message", "errors"):
+            for name in ("error", "errors", "message"):
                 if payload.get(name):
-                    value = payload[name]
-                    text = value if isinstance(value, str) else json.dumps(value)
-                    return self._scrub(text)[:500]
-            return self._scrub(json.dumps(payload))[:500]
-        return self._scrub(body.decode("utf-8", "replace").strip())[:300]
+                    payload = payload[name]
+                    break
+            text = _readable(payload)
+        elif isinstance(payload, (list, str)):
+            text = _readable(payload)
+        else:
+            text = _plain_text(body)
+        text = self._scrub(text)  # before cutting, so no part of the key survives at the cut
+        return text if len(text) <= SERVER_TEXT_CHARS else text[:SERVER_TEXT_CHARS - 3] + "..."
 
     def _note_server_date(self, headers: Mapping[str, str]) -> None:
         date = headers.get("Date")
@@ -462,22 +505,48 @@ class AstriaClient:
                     pass
 
     def _retry_after_s(self, headers: Mapping[str, str]) -> Optional[float]:
+        """Return the wait a Retry-After header asks for (seconds or an HTTP-date), at least MIN_RETRY_AFTER_S."""
         raw = headers.get("Retry-After")
         if not raw:
             return None
         try:
-            return max(0.0, float(raw))
+            seconds = float(raw)
         except ValueError:
-            pass
-        try:
-            when = parsedate_to_datetime(raw).timestamp()
-        except (TypeError, ValueError):
+            try:
+                when = parsedate_to_datetime(raw).timestamp()
+            except (TypeError, ValueError, IndexError, OverflowError):
+                return None
+            seconds = when - self._server_time(self._wall_clock())
+        if math.isnan(seconds):
             return None
-        return max(0.0, when - self._server_time(self._wall_clock()))
+        return max(MIN_RETRY_AFTER_S, seconds)
+
+    def _next_wait(self, answer: Optional[_Answer], retries: int) -> tuple[float, str]:
+        """Return the wait before the next try and where it came from (Retry-After or the backoff)."""
+        wait_s = self._retry_after_s(answer.headers) if answer is not None else None
+        if wait_s is not None:
+            return wait_s, "Retry-After"
+        return self.retry.backoff_s(retries, self._rng), "backoff"
+
+    def _past_deadline(self, step: str, prompt_id: Optional[int], deadline: float, problem: str, wait_s: float,
+                       source: str, tail: str = "") -> AstriaTimeout:
+        """The error for a retry whose wait would end after the deadline."""
+        if source == "Retry-After" and self._clock() + wait_s > deadline:
+            shown = "a very long time" if not math.isfinite(wait_s) or wait_s > 1e9 else f"{wait_s:.0f} s"
+            detail = (f"the last answer was {problem} and asked to wait {shown} (Retry-After), past the deadline"
+                      f"{tail}; try again later")
+        else:
+            detail = f"the last answer was {problem}{tail}"
+        return self._timeout(step, prompt_id, deadline, detail)
 
     async def _get_with_retries(self, fetch: Callable[[], Awaitable[_Answer]], *, step: str, deadline: float,
-                                cancelled: Optional[CancelCheck], prompt_id: Optional[int]) -> _Answer:
-        """Run a GET until it answers something other than 429/5xx/a connection error, within the deadline."""
+                                cancelled: Optional[CancelCheck], prompt_id: Optional[int],
+                                unusable: Optional[Callable[[_Answer], Optional[str]]] = None) -> _Answer:
+        """Run a GET until it answers something other than 429/5xx/a connection error, within the deadline.
+
+        `unusable(answer)` may name a problem with an otherwise fine answer (a proxy's HTML page instead of JSON):
+        such answers are retried like a 5xx, since a GET can always be sent again.
+        """
         def on_cancel():
             return AstriaCancelled(prompt_id)
 
@@ -492,24 +561,25 @@ class AstriaClient:
                 if answer.status == 429 or answer.status >= 500:
                     problem = f"HTTP {answer.status}"
                 else:
-                    return answer
-            wait_s = self._retry_after_s(answer.headers) if answer is not None else None
-            if wait_s is None:
-                wait_s = self.retry.backoff_s(retries, self._rng)
+                    problem = unusable(answer) if unusable is not None else None
+                    if problem is None:
+                        return answer
+            wait_s, source = self._next_wait(answer, retries)
             if self._clock() + wait_s > deadline:
-                raise self._timeout(step, prompt_id, deadline, f"the last answer was {problem}")
+                raise self._past_deadline(step, prompt_id, deadline, problem, wait_s, source)
             logger.warning("Astria: %s got %s; retrying in %.1f s (retry %d).", step, problem, wait_s, retries + 1)
             retries += 1
             await _sleep_checked(self._sleep_fn, wait_s, cancelled, on_cancel)
 
     def _timeout(self, step: str, prompt_id: Optional[int], deadline: float, detail: str = "") -> AstriaTimeout:
-        where = f" (prompt {prompt_id})" if prompt_id is not None else ""
+        where = f" (prompt {prompt_id})" if prompt_id is not None and f"prompt {prompt_id}" not in step else ""
         text = f"Astria did not finish {step}{where} before the deadline"
         if detail:
             text += f"; {detail}"
         text += "."
         if prompt_id is not None:
-            text += " The prompt keeps running on Astria; running the same image again resumes it without paying twice."
+            text += (f" Nothing is lost: prompt {prompt_id} keeps running on Astria and stays in your Astria gallery; "
+                     "running the same image again resumes it without paying twice.")
         return AstriaTimeout(text, step, prompt_id)
 
     def _raise_for_api_status(self, answer: _Answer, what: str, prompt_id: Optional[int] = None) -> None:
@@ -526,37 +596,47 @@ class AstriaClient:
                 f"API key only ever goes to {self.base_url}; check ASTRIA_API_URL.")
         text = self._server_text(answer.body)
         if status == 404:
-            subject = f"prompt {prompt_id}" if prompt_id is not None else "the tune or address"
-            raise AstriaNotFound(f"Astria does not know {subject} (HTTP 404) while {what}: {text or 'no details'}.",
-                                 status, text)
+            if prompt_id is not None:
+                raise AstriaNotFound(
+                    f"Astria has no prompt {prompt_id} (HTTP 404) while {what}: it was deleted on Astria, or it "
+                    f"belongs to another account or API key ({text or 'no details'}). It cannot be resumed: change "
+                    "the seed (or the prompt) to send a new, paid request.", status, text)
+            raise AstriaNotFound(f"Astria does not know the tune or address (HTTP 404) while {what}: "
+                                 f"{text or 'no details'}. Check the tune id and ASTRIA_API_URL.", status, text)
         if status == 422:
             raise AstriaRequestRejected(f"Astria refused the request while {what} (HTTP 422): {text}", status, text)
         raise AstriaRequestRejected(f"Astria answered HTTP {status} while {what}: {text or 'no details'}.", status, text)
 
     async def _get_json(self, path: str, *, params=None, step: str, deadline: Optional[float] = None,
-                        cancelled: Optional[CancelCheck] = None, prompt_id: Optional[int] = None) -> Any:
+                        cancelled: Optional[CancelCheck] = None, prompt_id: Optional[int] = None,
+                        shape: Callable[[Any], bool] = lambda payload: True, shape_text: str = "JSON") -> Any:
+        """GET a JSON answer; a 2xx that is not JSON of the expected shape (a proxy's page) is retried."""
         if deadline is None:
             deadline = self._clock() + self.retry.deadline_s
+
+        def unusable(answer: _Answer) -> Optional[str]:
+            if not 200 <= answer.status < 300:
+                return None
+            payload = _json_or_none(answer.body)
+            if payload is not None and shape(payload):
+                return None
+            return f"HTTP {answer.status} but not {shape_text} ({self._server_text(answer.body)[:120]!r})"
+
         answer = await self._get_with_retries(
             lambda: self._api_call("GET", path, params=params, timeout_s=self.timeouts.api_s),
-            step=step, deadline=deadline, cancelled=cancelled, prompt_id=prompt_id)
+            step=step, deadline=deadline, cancelled=cancelled, prompt_id=prompt_id, unusable=unusable)
         self._raise_for_api_status(answer, step, prompt_id)
-        payload = _json_or_none(answer.body)
-        if payload is None:
-            raise AstriaProtocolError(f"Astria's answer while {step} was not JSON: "
-                                      f"{self._server_text(answer.body)[:120]!r}.")
-        return payload
+        return _json_or_none(answer.body)
 
     # ---- the API ----------------------------------------------------------------------------------------
     async def get_prompt(self, prompt_id: int, *, deadline: Optional[float] = None,
                          cancelled: Optional[CancelCheck] = None) -> dict:
         """Return one prompt object (`GET /prompts/:id.json`), retrying 429/5xx/connection errors."""
         payload = await self._get_json(f"/prompts/{int(prompt_id)}.json", step=f"reading prompt {prompt_id}",
-                                       deadline=deadline, cancelled=cancelled, prompt_id=int(prompt_id))
-        prompt = _as_prompt(payload)
-        if prompt is None:
-            raise AstriaProtocolError(f"Astria's answer for prompt {prompt_id} has no prompt object.")
-        return prompt
+                                       deadline=deadline, cancelled=cancelled, prompt_id=int(prompt_id),
+                                       shape=lambda answer: _as_prompt(answer) is not None,
+                                       shape_text="JSON with a prompt object")
+        return _as_prompt(payload)
 
     async def list_prompts(self, tune_id: int, before_id: Optional[int] = None, limit: int = LIST_PAGE_SIZE, *,
                            cancelled: Optional[CancelCheck] = None) -> list[dict]:
@@ -565,9 +645,8 @@ class AstriaClient:
         if before_id is not None:
             params["before_id"] = str(int(before_id))
         payload = await self._get_json(f"/tunes/{int(tune_id)}/prompts", params=params,
-                                       step=f"listing the prompts of tune {tune_id}", cancelled=cancelled)
-        if not isinstance(payload, list):
-            raise AstriaProtocolError(f"Astria's prompt list for tune {tune_id} is not a list.")
+                                       step=f"listing the prompts of tune {tune_id}", cancelled=cancelled,
+                                       shape=lambda answer: isinstance(answer, list), shape_text="a JSON list")
         return [item for item in payload if isinstance(item, dict)]
 
     async def create_prompt(self, tune_id: int, fields: Mapping[str, Any], image_png: Optional[bytes], *,
@@ -575,7 +654,8 @@ class AstriaClient:
         """POST one prompt (multipart `prompt[...]`, file `prompt[input_image]`); never re-sent after it may have landed.
 
         Retries only what certainly created nothing: 429 (after Retry-After) and connections that never opened.
-        Raises AstriaAmbiguousCreate when the prompt may exist (5xx, timeout, dropped connection, unreadable 2xx).
+        Raises AstriaAmbiguousCreate when the prompt may exist (5xx, timeout, dropped connection, unreadable 2xx),
+        and AstriaCancelled with `maybe_created` when Cancel abandons the request while it is in flight.
         """
         if "seed" not in fields:
             raise ValueError("Every Astria create carries an explicit seed (fields['seed']); none was given.")
@@ -587,9 +667,12 @@ class AstriaClient:
             if cancelled is not None and cancelled():
                 raise AstriaCancelled(None)
             try:
-                answer = await self._api_call("POST", f"/tunes/{int(tune_id)}/prompts",
-                                              data=self._create_form(fields, image_png),
-                                              timeout_s=self.timeouts.create_s)
+                # Cancel abandons the upload at once; the request may have reached Astria, so the caller looks
+                # the prompt up on the next run instead of trusting that nothing was created.
+                answer = await self._until_cancelled(
+                    self._api_call("POST", f"/tunes/{int(tune_id)}/prompts", data=self._create_form(fields, image_png),
+                                   timeout_s=self.timeouts.create_s),
+                    cancelled, lambda: AstriaCancelled(None, maybe_created=True))
             except aiohttp.ClientConnectorError as exc:
                 # The connection never opened, so nothing was sent: safe to try again.
                 answer, problem = None, f"could not connect ({type(exc).__name__})"
@@ -598,7 +681,7 @@ class AstriaClient:
                     f"The create request on tune {tune_id} failed after it was sent ({type(exc).__name__}); "
                     "the prompt may exist on Astria.") from exc
             else:
-                if answer.status in (200, 201):
+                if 200 <= answer.status < 300:  # 201 Created, 200 (idempotency, a list), or another success
                     prompt = _as_prompt(_json_or_none(answer.body))
                     if prompt is None:
                         raise AstriaAmbiguousCreate(f"Astria accepted a create on tune {tune_id} but its answer "
@@ -612,18 +695,16 @@ class AstriaClient:
                 else:
                     self._raise_for_api_status(answer, step)
                     raise AstriaProtocolError(f"Astria answered HTTP {answer.status} to a create on tune {tune_id}.")
-            wait_s = self._retry_after_s(answer.headers) if answer is not None else None
-            if wait_s is None:
-                wait_s = self.retry.backoff_s(retries, self._rng)
+            wait_s, source = self._next_wait(answer, retries)
             if self._clock() + wait_s > deadline:
-                raise self._timeout(step, None, deadline, f"the last answer was {problem}; nothing was created")
+                raise self._past_deadline(step, None, deadline, problem, wait_s, source, "; nothing was created")
             logger.warning("Astria: %s got %s; trying again in %.1f s.", step, problem, wait_s)
             retries += 1
             await _sleep_checked(self._sleep_fn, wait_s, cancelled, lambda: AstriaCancelled(None))
 
     @staticmethod
     def _create_form(fields: Mapping[str, Any], image_png: Optional[bytes]) -> aiohttp.FormData:
-        form = aiohttp.FormData()
+        form = aiohttp.FormData(default_to_multipart=True)  # multipart even without a file, as the spec says
         for name, value in fields.items():
             if value is not None:
                 form.add_field(f"prompt[{name}]", form_value(value))
@@ -648,9 +729,12 @@ class AstriaClient:
                 raise AstriaPromptFailed(f"Astria could not run prompt {prompt_id}: {text}", prompt_id, text)
             images = prompt.get("images") or []
             if images:
-                urls = [item if isinstance(item, str) else (item or {}).get("url") for item in images]
-                if not all(isinstance(url, str) and url for url in urls):
-                    raise AstriaProtocolError(f"Prompt {prompt_id} lists images that are not URLs.")
+                urls = [item.get("url") if isinstance(item, dict) else item
+                        for item in (images if isinstance(images, list) else [images])]
+                if not isinstance(images, list) or not all(isinstance(url, str) and url for url in urls):
+                    raise AstriaProtocolError(
+                        f"Prompt {prompt_id} lists images that are not URLs ({self._scrub(str(images))[:120]!r}). "
+                        f"The prompt is kept; running the same image again reads it again without paying.")
                 return urls
             now = self._clock()
             if on_poll is not None:
@@ -663,20 +747,39 @@ class AstriaClient:
     async def download(self, url: str, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
                        max_pixels: int = DEFAULT_MAX_PIXELS, deadline: Optional[float] = None,
                        cancelled: Optional[CancelCheck] = None, prompt_id: Optional[int] = None) -> bytes:
-        """Download an image URL without the API key; checks size, content type and that it decodes."""
+        """Download an image URL without the API key; checks size, content type and that it decodes.
+
+        Every AstriaDownloadError says what to do; with `prompt_id` it says that the prompt is kept and a rerun
+        downloads it again without paying.
+        """
+        try:
+            return await self._download_checked(url, max_bytes, max_pixels, deadline, cancelled, prompt_id)
+        except AstriaDownloadError as exc:
+            if prompt_id is None:
+                raise
+            raise AstriaDownloadError(
+                f"{exc} Nothing is lost: prompt {prompt_id} is kept on Astria and in the job journal; running the "
+                "same image again reads it again for fresh image links and downloads them without paying.") from None
+
+    async def _download_checked(self, url: str, max_bytes: int, max_pixels: int, deadline: Optional[float],
+                                cancelled: Optional[CancelCheck], prompt_id: Optional[int]) -> bytes:
+        shown = self._scrub(_loggable_url(url))
         scheme, host, _port = _origin(url)
         if scheme not in ("http", "https") or not host:
-            raise AstriaDownloadError(f"Astria gave an image address that is not http(s): {_loggable_url(url)!r}.")
+            raise AstriaDownloadError(f"Astria gave an image address that is not http(s): {shown!r}.")
         deadline_at = self._clock() + (self.retry.deadline_s if deadline is None else float(deadline))
-        step = f"downloading {_loggable_url(url)}"
+        step = f"downloading {shown}"
         answer = await self._get_with_retries(lambda: self._fetch_image(url, max_bytes), step=step,
                                               deadline=deadline_at, cancelled=cancelled, prompt_id=prompt_id)
+        if answer.status in (401, 403, 404, 410):
+            raise AstriaDownloadError(f"Downloading {shown} was refused with HTTP {answer.status}: Astria's image "
+                                      "links are signed and expire (or the image was deleted).")
         if answer.status != 200:
-            raise AstriaDownloadError(f"Downloading {_loggable_url(url)} failed with HTTP {answer.status}.")
+            raise AstriaDownloadError(f"Downloading {shown} failed with HTTP {answer.status}.")
         content_type = answer.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if not content_type.startswith("image/"):
-            raise AstriaDownloadError(f"{_loggable_url(url)} answered {content_type or 'no content type'}, not an "
-                                      "image.")
+        if not content_type.startswith("image/") and content_type not in IMAGE_BYTE_TYPES:
+            raise AstriaDownloadError(f"{shown} answered {content_type}, not an image (an error page?).")
+        # The bytes decide, whatever the header claims: image/png may hold a JPEG, octet-stream a PNG.
         check_image_bytes(answer.body, max_pixels=max_pixels)
         return answer.body
 
@@ -772,8 +875,11 @@ class AstriaClient:
                     logger.info("Astria: the prompt was not found after the failed create; creating it now.")
                     continue
                 return self._claim(attempt, prompt, report, "found after a failed create")
-            except (AstriaAuthError, AstriaRequestRejected, AstriaProtocolError, AstriaTimeout,
-                    AstriaCancelled) as exc:
+            except AstriaCancelled as exc:
+                if not exc.maybe_created:  # cancelled before sending or while waiting out a 429: nothing exists
+                    self.journal.record("failed", attempt, error=str(exc)[:300], created=False)
+                raise  # abandoned in flight: the intent stays, so the next run looks the prompt up first
+            except (AstriaAuthError, AstriaRequestRejected, AstriaProtocolError, AstriaTimeout) as exc:
                 # Each of these means Astria did not create anything for this request.
                 self.journal.record("failed", attempt, error=str(exc)[:300], created=False)
                 raise
@@ -799,8 +905,18 @@ class AstriaClient:
         report("settling", f"Astria's answer to the create was lost; waiting {settle_s:.0f} s, then looking for the "
                            "prompt instead of paying twice")
         await _sleep_checked(self._sleep_fn, settle_s, cancelled, lambda: AstriaCancelled(None, maybe_created=True))
-        return await self.find_prompt(tune_id, text, attempt.seed, negative, since_wall=since_wall,
-                                      exclude=self.journal.claimed_prompt_ids(), cancelled=cancelled)
+        try:
+            return await self.find_prompt(tune_id, text, attempt.seed, negative, since_wall=since_wall,
+                                          exclude=self.journal.claimed_prompt_ids(), cancelled=cancelled)
+        except AstriaCancelled:
+            raise AstriaCancelled(None, maybe_created=True) from None
+        except AstriaAuthError:
+            raise
+        except AstriaError as exc:
+            # The intent stays in the journal: nothing is sent again until a lookup has answered.
+            raise AstriaError(f"A create's answer was lost and looking the prompt up failed too ({exc}). A prompt may "
+                              "already exist on Astria and may be billed; nothing was sent again. Running the same "
+                              "image again looks it up before creating anything.") from None
 
     def _claim(self, attempt: Attempt, prompt: dict, report, how: str) -> int:
         prompt_id = int(prompt["id"])

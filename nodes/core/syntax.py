@@ -91,6 +91,8 @@ class AstriaPrompt:
     flags: FrozenMap = field(default_factory=FrozenMap)
     params: FrozenMap = field(default_factory=FrozenMap)
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    # The prompt lines as pasted (before the first key=value line): what the remote node sends as prompt[text].
+    written_text: str = field(default="", compare=False)
 
     def has_flag(self, name: str) -> bool:
         """Whether the prompt carries `--name`."""
@@ -110,8 +112,12 @@ class AstriaPrompt:
         return self.params.get(key) is not None
 
     def astria_text(self) -> str:
-        """The prompt line as Astria reads it: positive text, then tags, then flags (what `prompt[text]` sends)."""
+        """The prompt line in canonical form: positive text, then tags, then flags."""
         return format_prompt(self).split("\n", 1)[0]
+
+    def text_as_written(self) -> str:
+        """The prompt text as pasted, tags and flags in place (what `prompt[text]` sends); canonical if not parsed."""
+        return self.written_text or self.astria_text()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -151,6 +157,7 @@ def parse_prompt(text: str) -> AstriaPrompt:
         flags=FrozenMap(flags),
         params=FrozenMap(params),
         warnings=warnings.as_tuple(),
+        written_text="\n".join(lines[:first_param_line]).strip(),
     )
 
 

@@ -109,6 +109,21 @@ def test_only_upscale_is_added_the_prompt_seed_wins_and_input_image_url_is_not_s
     assert "--only_upscale" in warnings and "input_image_url was not sent" in warnings
 
 
+def test_the_prompt_text_is_sent_as_written_and_unset_params_are_not_sent(comfy_host, astria):
+    written = ('<faceid:123:1> ohwx woman in a garden, <lora:more_details:1>\n  detailed skin --only_upscale '
+               '--mask_prompt "face"')
+    prompt = parsed(comfy_host, written + "\nsteps=16\nsuper_resolution=\nscheduler=undefined\nnegative_prompt=\n"
+                                          "film_grain=true\nmy_new_param=abc")
+    remote(comfy_host, batch((1, 2, 3)), prompt, seed=11)
+    fields = astria.creates()[0].fields
+    # Astria reads tags in place: `<faceid:ID:1> NAME` needs the class name right after the tag, so the text is
+    # not rewritten (tags moved to the end, weights reformatted, lines joined, quotes dropped).
+    assert fields["prompt[text]"] == written
+    assert fields == {"prompt[text]": written, "prompt[steps]": "16", "prompt[seed]": "11",
+                      "prompt[film_grain]": "true", "prompt[my_new_param]": "abc"}
+    assert list(astria.creates()[0].files) == ["prompt[input_image]"]
+
+
 def test_identical_images_get_distinct_seeds_and_one_prompt_each(comfy_host, astria):
     result = remote(comfy_host, batch((9, 9, 9), (9, 9, 9), (9, 9, 9)), parsed(comfy_host), seed=500,
                     concurrency=3)

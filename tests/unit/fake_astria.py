@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import formatdate
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from aiohttp import web
 from PIL import Image
@@ -43,6 +44,20 @@ class FakeClock:
 
 
 @dataclass
+class Scripted:
+    """One canned answer, served instead of the normal one (after the auth check) by a route's script."""
+
+    status: int = 200
+    body: Any = None  # bytes/str as is, dict/list as JSON, or a callable of the saved prompt's view (creates)
+    headers: dict = field(default_factory=dict)
+    content_type: Optional[str] = "application/json"
+    save: bool = False  # creates only: save the prompt first, as a server that fails after saving does
+    drop: bool = False  # close the connection instead of answering
+    hang: bool = False  # never answer (until the fake stops)
+    truncate_to: Optional[int] = None  # announce the whole body's length, send only this many bytes, then close
+
+
+@dataclass
 class Faults:
     """What the fake does wrong; counters count down as faults are served."""
 
@@ -67,6 +82,10 @@ class Faults:
     redirect_gets: bool = False  # GET /prompts/:id.json answers 302 to the image origin
     image_content_type: str = "image/png"
     images_per_prompt: int = 1
+    create_script: list = field(default_factory=list)  # Scripted answers for the next creates, in order
+    poll_script: list = field(default_factory=list)  # ... for the next GET /prompts/:id.json
+    image_script: list = field(default_factory=list)  # ... for the next image downloads
+    image_redirect_to: Optional[str] = None  # image URLs answer 302 to this address
 
 
 @dataclass
@@ -132,6 +151,7 @@ class FakeAstria:
         images = web.Application()
         images.router.add_get("/img/{pid}/{n}.png", self._image)
         images.router.add_get("/echo", self._echo)
+        images.router.add_get("/moved/{name}", self._moved)
         self.base_url = await self._serve(api)
         self.images_url = await self._serve(images)
         return self
@@ -195,6 +215,32 @@ class FakeAstria:
         request.transport.close()
         raise asyncio.CancelledError()
 
+    async def _serve_scripted(self, record: RecordedRequest, request: web.Request, answer: Scripted, view=None):
+        """Answer with a Scripted reply (JSON, text, HTML, bytes; dropped or truncated on demand)."""
+        if answer.drop:
+            self._drop(record, request)
+        if answer.hang:
+            await self._release_hung.wait()
+        body = answer.body(view) if callable(answer.body) else answer.body
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode()
+        elif isinstance(body, str):
+            body = body.encode()
+        elif body is None:
+            body = b""
+        record.status = answer.status
+        headers = {"Date": formatdate(self.clock.wall(), usegmt=True), **answer.headers}
+        if answer.content_type is not None:
+            headers["Content-Type"] = answer.content_type
+        if answer.truncate_to is None:
+            return web.Response(body=body, status=answer.status, headers=headers)
+        response = web.StreamResponse(status=answer.status, headers=headers)
+        response.content_length = len(body)
+        await response.prepare(request)
+        await response.write(body[:answer.truncate_to])
+        request.transport.close()
+        raise asyncio.CancelledError()
+
     def _gate(self, record: RecordedRequest, request: web.Request):
         """Auth and rate limit, shared by every API route; returns an answer when the request stops here."""
         if request.headers.get("Authorization") != self._expected_auth:
@@ -236,6 +282,12 @@ class FakeAstria:
         if stop is not None:
             return stop
         faults = self.faults
+        if faults.create_script:
+            answer = faults.create_script.pop(0)
+            view = None
+            if answer.save:
+                view = self._view(self._save(int(request.match_info["tune"]), record))
+            return await self._serve_scripted(record, request, answer, view)
         if faults.reject_422 is not None:
             text = faults.reject_422
             if faults.echo_auth_in_errors:
@@ -268,6 +320,13 @@ class FakeAstria:
             self._drop(record, request)
         return self._json(record, self._view(prompt), 201)
 
+    def _save(self, tune_id: int, record: RecordedRequest) -> FakePrompt:
+        attrs = {name[len("prompt["):-1]: value for name, value in record.fields.items()
+                 if name.startswith("prompt[") and name.endswith("]")}
+        prompt = FakePrompt(self._new_id(), tune_id, attrs, self.clock())
+        self.prompts[prompt.id] = prompt
+        return prompt
+
     async def _list(self, request: web.Request):
         record = self._record("api", request)
         stop = self._gate(record, request)
@@ -288,6 +347,10 @@ class FakeAstria:
         if self.faults.drop_get_times > 0:
             self.faults.drop_get_times -= 1
             self._drop(record, request)
+        if self.faults.poll_script:
+            prompt = self.prompts.get(int(request.match_info["pid"]))
+            answer = self.faults.poll_script.pop(0)
+            return await self._serve_scripted(record, request, answer, self._view(prompt) if prompt else None)
         if self.faults.hang_gets:
             await self._release_hung.wait()
             return self._json(record, {"error": "Service unavailable"}, 503)
@@ -301,10 +364,20 @@ class FakeAstria:
 
     async def _image(self, request: web.Request):
         record = self._record("images", request)
+        if self.faults.image_redirect_to is not None:
+            record.status = 302
+            raise web.HTTPFound(self.faults.image_redirect_to)
+        if self.faults.image_script:
+            return await self._serve_scripted(record, request, self.faults.image_script.pop(0))
         record.status = 200
         prompt = self.prompts.get(int(request.match_info["pid"]))
         body = self.image_for(prompt) if self.image_for is not None and prompt is not None else self.image
         return web.Response(body=body, content_type=self.faults.image_content_type)
+
+    async def _moved(self, request: web.Request):
+        record = self._record("images", request)
+        record.status = 200
+        return web.Response(body=self.image, content_type="image/png")
 
     async def _echo(self, request: web.Request):
         record = self._record("images", request)

@@ -7,7 +7,9 @@ import asyncio
 import json
 import logging
 import random
+import time
 import traceback
+from email.utils import formatdate
 
 import pytest
 
@@ -21,15 +23,17 @@ from comfyui_astria.nodes.core.astria_api import (
     AstriaClient,
     AstriaDownloadError,
     AstriaDuplicateRefused,
+    AstriaNotFound,
     AstriaPromptFailed,
     AstriaProtocolError,
     AstriaRequestRejected,
     AstriaTimeout,
     RetryPolicy,
+    Timeouts,
     check_image_bytes,
 )
 from comfyui_astria.nodes.core.astria_journal import JobJournal, job_key, seed_group
-from comfyui_astria.tests.unit.fake_astria import FakeAstria, FakeClock, Faults, png_bytes
+from comfyui_astria.tests.unit.fake_astria import FakeAstria, FakeClock, Faults, Scripted, png_bytes
 
 KEY = "sk-SENTINEL-4b1d9e77c0ffee"
 TUNE = 690204
@@ -490,3 +494,434 @@ def test_load_api_key_prefers_the_environment_then_the_key_file(monkeypatch, tmp
     assert astria_api.load_api_key(key_file) == KEY
     monkeypatch.setenv("ASTRIA_API_KEY", "from-env")
     assert astria_api.load_api_key(key_file) == "from-env"
+
+
+# ---- injected faults: error shapes, Retry-After, odd answers, downloads, secrets, cancel -------------------------
+HTML_422 = ("<!DOCTYPE html><html><head><title>The change you wanted was rejected (422)</title>"
+            "<style>body { color: red; }</style></head><body><h1>The change you wanted was rejected.</h1>"
+            "<p>Maybe you tried to change something you didn't have access to.</p></body></html>")
+
+
+@pytest.mark.parametrize("body, content_type, shown", [
+    ({"error": "text can't be blank"}, "application/json", "text can't be blank"),
+    ({"errors": {"text": ["can't be blank"]}}, "application/json", "text: can't be blank"),
+    ({"text": ["can't be blank"], "seed": ["is not a number"]}, "application/json",
+     "text: can't be blank; seed: is not a number"),
+    ({"error": {"denoising_strength": ["must be less than or equal to 1"]}}, "application/json",
+     "denoising_strength: must be less than or equal to 1"),
+    ({"errors": ["Text can't be blank", "Seed is invalid"]}, "application/json", "Text can't be blank; Seed is invalid"),
+    ("Text can't be blank", "text/plain", "Text can't be blank"),
+    (HTML_422, "text/html", "The change you wanted was rejected (422) The change you wanted was rejected."),
+    ({"error": "Prompt en français refusé"}, "application/json", "Prompt en français refusé"),
+])
+def test_422_in_every_shape_is_shown_readably_and_never_retried(body, content_type, shown):
+    journal = JobJournal(None)
+
+    async def run(fake, client, clock):
+        fake.faults.create_script = [Scripted(422, body, content_type=content_type)]
+        with pytest.raises(AstriaRequestRejected) as caught:
+            await client.run_job(TUNE, FIELDS, INPUT_PNG, seed=5)
+        return fake, caught.value
+
+    fake, error = scenario(run, journal=journal)
+    assert timeline(fake) == [("POST", f"/tunes/{TUNE}/prompts", 422, 0.0)]
+    assert shown in str(error) and error.status == 422
+    assert "<" not in str(error) and "{" not in str(error) and "\\u" not in str(error)
+    assert journal.latest_attempt(job_key(TUNE, FIELDS, INPUT_PNG)).state == "failed"
+
+
+def _http_date(seconds_from_now):
+    return lambda clock: formatdate(clock.wall() + seconds_from_now, usegmt=True)
+
+
+@pytest.mark.parametrize("retry_after, second_post_at", [
+    ("3", 3.0),  # seconds
+    (_http_date(30), 30.0),  # an HTTP-date
+    (None, 1.0),  # missing: the backoff's base (1 s in these tests)
+    ("soon", 1.0),  # unreadable: as missing
+    ("0", 1.0),  # "now" would hammer the server: at least 1 s
+    (_http_date(-100), 1.0),  # a date in the past: the same
+    ("-5", 1.0),
+])
+def test_create_429_honours_retry_after_then_succeeds_with_one_prompt(retry_after, second_post_at):
+    async def run(fake, client, clock):
+        value = retry_after(clock) if callable(retry_after) else retry_after
+        headers = {} if value is None else {"Retry-After": value}
+        fake.faults.create_script = [Scripted(429, {"error": "Too many requests"}, headers=headers)]
+        return fake, await client.run_job(TUNE, FIELDS, INPUT_PNG, seed=1)
+
+    fake, result = scenario(run)
+    assert [(r.status, r.t) for r in fake.creates()] == [(429, 0.0), (201, second_post_at)]
+    assert list(fake.prompts) == [result.prompt_id]
+
+
+@pytest.mark.parametrize("retry_after", ["86400", "1e400", "inf"])
+def test_create_429_with_an_absurd_retry_after_fails_at_once_saying_so(retry_after):
+    async def run(fake, client, clock):
+        fake.faults.create_script = [Scripted(429, {"error": "slow down"}, headers={"Retry-After": retry_after})]
+        with pytest.raises(AstriaTimeout) as caught:
+            await client.run_job(TUNE, FIELDS, INPUT_PNG, seed=1)
+        return fake, caught.value, clock()
+
+    fake, error, stopped_at = scenario(run)
+    assert len(fake.creates()) == 1 and stopped_at == 0.0 and fake.prompts == {}
+    assert "Retry-After" in str(error) and "nothing was created" in str(error)
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+@pytest.mark.parametrize("saved", [True, False])
+def test_create_5xx_settles_then_looks_up_and_posts_again_only_when_absent(status, saved):
+    async def run(fake, client, clock):
+        body = "<html><body><h1>502 Bad Gateway</h1></body></html>" if status == 502 else {"error": "oops"}
+        fake.faults.create_script = [Scripted(status, body, save=saved,
+                                              content_type="text/html" if status == 502 else "application/json")]
+        return fake, await client.run_job(TUNE, FIELDS, INPUT_PNG, seed=9)
+
+    fake, result = scenario(run)
+    posts = [(r.status, r.t) for r in fake.creates()]
+    assert posts == ([(status, 0.0)] if saved else [(status, 0.0), (201, 60.0)])
+    assert fake.requests[1].method == "GET" and fake.requests[1].path == f"/tunes/{TUNE}/prompts"
+    assert fake.requests[1].t == 60.0
+    assert list(fake.prompts) == [result.prompt_id] and result.seed == 9
+
+
+def test_a_create_that_times_out_is_looked_up_not_posted_again():
+    async def run(fake, client, clock):
+        fake.faults.create_script = [Scripted(201, save=True, hang=True)]
+        return fake, await client.run_job(TUNE, FIELDS, INPUT_PNG, seed=9)
+
+    fake, result = scenario(run, timeouts=Timeouts(create_s=0.2))
+    assert len(fake.creates()) == 1 and list(fake.prompts) == [result.prompt_id]
+
+
+@pytest.mark.parametrize("status, wrap", [(200, False), (201, True), (200, True), (202, False)])
+def test_create_answers_200_201_202_and_one_element_lists_are_all_used(status, wrap):
+    async def run(fake, client, clock):
+        fake.faults.create_script = [Scripted(status, (lambda view: [view]) if wrap else (lambda view: view),
+                                              save=True)]
+        return fake, await client.run_job(TUNE, FIELDS, INPUT_PNG, seed=9)
+
+    fake, result = scenario(run)
+    assert len(fake.creates()) == 1 and list(fake.prompts) == [result.prompt_id]
+    assert fake.api("GET", f"/tunes/{TUNE}/prompts") == []  # nothing ambiguous: no lookup
+
+
+@pytest.mark.parametrize("junk, content_type", [
+    ("<html><body>Checking your browser before accessing api.astria.ai</body></html>", "text/html"),
+    ('{"id": 10', "application/json"),  # cut short
+    ("", "application/json"),
+])
+def test_a_poll_answered_with_junk_by_a_proxy_is_retried_within_the_deadline(junk, content_type):
+    async def run(fake, client, clock):
+        fake.faults.poll_script = [Scripted(200, junk, content_type=content_type)] * 2
+        return fake, await client.run_job(TUNE, FIELDS, INPUT_PNG, seed=1)
+
+    fake, result = scenario(run, Faults(render_s=0))
+    polls = fake.api("GET", "/prompts/")
+    assert [(r.status, r.t) for r in polls] == [(200, 0.0), (200, 1.0), (200, 3.0)]  # backoff 1 s, then 2 s
+    assert result.images == [fake.image] and len(fake.creates()) == 1
+
+
+def test_a_poll_that_only_ever_gets_junk_stops_at_the_deadline_naming_the_prompt():
+    async def run(fake, client, clock):
+        fake.faults.poll_script = [Scripted(200, "<html>maintenance</html>", content_type="text/html")] * 100
+        with pytest.raises(AstriaTimeout) as caught:
+            await client.run_job(TUNE, FIELDS, INPUT_PNG, seed=1, deadline=20)
+        return caught.value
+
+    error = scenario(run, Faults(render_s=0))
+    assert f"prompt {error.prompt_id}" in str(error) and "not JSON" in str(error)
+    assert "resumes it without paying twice" in str(error)
+
+
+def test_a_poll_502_html_page_and_a_429_are_retried():
+    async def run(fake, client, clock):
+        fake.faults.poll_script = [
+            Scripted(502, "<html><body><h1>502 Bad Gateway</h1></body></html>", content_type="text/html"),
+            Scripted(429, {"error": "Too many requests"}, headers={"Retry-After": "4"}),
+        ]
+        return fake, await client.run_job(TUNE, FIELDS, INPUT_PNG, seed=1)
+
+    fake, result = scenario(run, Faults(render_s=0))
+    assert [(r.status, r.t) for r in fake.api("GET", "/prompts/")] == [(502, 0.0), (429, 1.0), (200, 5.0)]
+    assert result.images == [fake.image]
+
+
+def test_a_prompt_deleted_on_astria_says_so_and_what_to_do():
+    async def run(fake, client, clock):
+        fake.faults.poll_script = [Scripted(404, {"error": "Not found"})]
+        with pytest.raises(AstriaNotFound) as caught:
+            await client.run_job(TUNE, FIELDS, INPUT_PNG, seed=1)
+        return fake, caught.value
+
+    fake, error = scenario(run)
+    assert f"prompt {next(iter(fake.prompts))}" in str(error)
+    assert "deleted" in str(error) and "change the seed" in str(error)
+
+
+@pytest.mark.parametrize("images", [
+    lambda urls: [{"url": url, "width": 8} for url in urls],
+    lambda urls: urls,
+])
+def test_images_as_strings_or_objects_with_unknown_fields_are_downloaded(images):
+    async def run(fake, client, clock):
+        def answer(view):
+            urls = [f"{fake.images_url}/img/{view['id']}/0.png?sig=token0"]
+            return {**view, "images": images(urls), "brand_new_field": {"x": [1, 2]}, "status": "done"}
+
+        fake.faults.poll_script = [Scripted(200, answer)]
+        return fake, await client.run_job(TUNE, FIELDS, INPUT_PNG, seed=1)
+
+    fake, result = scenario(run)
+    assert result.images == [fake.image]
+
+
+@pytest.mark.parametrize("bad", [[5], [{"href": "x"}], [None], "http://127.0.0.1/x.png"])
+def test_images_that_are_not_urls_are_a_clear_protocol_error(bad):
+    async def run(fake, client, clock):
+        fake.faults.poll_script = [Scripted(200, lambda view: {**view, "images": bad})]
+        with pytest.raises(AstriaProtocolError) as caught:
+            await client.run_job(TUNE, FIELDS, INPUT_PNG, seed=1)
+        return fake, caught.value
+
+    fake, error = scenario(run)
+    assert "not URLs" in str(error) and fake.image_requests == []
+
+
+def test_a_poll_timeout_names_the_prompt_and_says_nothing_is_lost(tmp_path):
+    path = tmp_path / "jobs.jsonl"
+    clock = FakeClock()
+
+    async def run(fake, client, clock):
+        with pytest.raises(AstriaTimeout) as caught:
+            await client.run_job(TUNE, FIELDS, INPUT_PNG, seed=5, deadline=30)
+        fake.faults.never_finish = False
+        async with make_client(fake, clock, JobJournal(path, wall_clock=clock.wall)) as restarted:
+            again = await restarted.run_job(TUNE, FIELDS, INPUT_PNG, seed=6)
+        return fake, caught.value, again
+
+    fake, error, again = scenario(run, Faults(never_finish=True), journal=JobJournal(path, wall_clock=clock.wall),
+                                  clock=clock)
+    assert f"prompt {error.prompt_id}" in str(error) and "nothing is lost" in str(error).lower()
+    assert again.prompt_id == error.prompt_id and again.resumed and len(fake.creates()) == 1
+
+
+# ---- downloads under faults ---------------------------------------------------------------------------------------
+def download_scenario(faults, image=None, **download_options):
+    """Download one image URL of the fake's image origin; returns (fake, bytes or the error raised)."""
+    clock = FakeClock()
+
+    async def main():
+        async with FakeAstria(clock, KEY, faults, image=image) as fake:
+            async with make_client(fake, clock) as client:
+                try:
+                    data = await client.download(f"{fake.images_url}/img/1/0.png?sig=secret", prompt_id=77,
+                                                 **download_options)
+                except AstriaDownloadError as error:
+                    return fake, error
+                return fake, data
+
+    return asyncio.run(main())
+
+
+def test_an_image_redirected_to_another_host_is_fetched_without_the_key():
+    clock = FakeClock()
+
+    async def main():
+        async with FakeAstria(clock, KEY) as fake:
+            port = fake.images_url.rsplit(":", 1)[1]
+            fake.faults.image_redirect_to = f"http://localhost:{port}/moved/x.png"  # another host name
+            async with make_client(fake, clock) as client:
+                data = await client.download(f"{fake.images_url}/img/1/0.png")
+            return fake, data
+
+    fake, data = asyncio.run(main())
+    assert data == fake.image
+    assert [(r.path, r.has_auth) for r in fake.image_requests] == [("/img/1/0.png", False), ("/moved/x.png", False)]
+    assert not any("Authorization" in r.headers for r in fake.image_requests)
+
+
+@pytest.mark.parametrize("status", [403, 404, 410])
+def test_an_expired_image_url_says_what_to_do(status):
+    fake, error = download_scenario(Faults(image_script=[Scripted(status, "<Error>AccessDenied</Error>",
+                                                                  content_type="application/xml")]))
+    assert isinstance(error, AstriaDownloadError) and f"HTTP {status}" in str(error)
+    assert "expire" in str(error) and "again" in str(error) and "without paying" in str(error)
+    assert "sig=secret" not in str(error) and len(fake.image_requests) == 1
+
+
+def test_a_truncated_image_is_downloaded_again():
+    image = png_bytes((64, 64))
+    fake, data = download_scenario(Faults(image_script=[Scripted(200, image, content_type="image/png",
+                                                                 truncate_to=20)]), image=image)
+    assert data == image and len(fake.image_requests) == 2
+
+
+@pytest.mark.parametrize("content_type", ["application/octet-stream", "binary/octet-stream", None, "image/jpeg"])
+def test_a_real_image_with_a_wrong_or_missing_content_type_is_accepted(content_type):
+    image = png_bytes((12, 12))
+    fake, data = download_scenario(Faults(image_script=[Scripted(200, image, content_type=content_type)]))
+    assert data == image
+
+
+@pytest.mark.parametrize("body, content_type", [
+    (b"<html><body>Access denied</body></html>", "image/png"),  # an error page that claims to be an image
+    (b"\x00" * 300, "application/octet-stream"),
+])
+def test_bytes_that_are_not_an_image_are_refused_saying_what_to_do(body, content_type):
+    fake, error = download_scenario(Faults(image_script=[Scripted(200, body, content_type=content_type)]))
+    assert isinstance(error, AstriaDownloadError) and "not a readable image" in str(error)
+    assert "prompt 77" in str(error) and "without paying" in str(error)
+
+
+def test_a_huge_image_is_refused_before_it_is_decoded_saying_what_to_do():
+    image = png_bytes((300, 300))
+    fake, error = download_scenario(Faults(), image=image, max_pixels=300 * 299)
+    assert isinstance(error, AstriaDownloadError) and "300x300" in str(error) and "prompt 77" in str(error)
+
+
+def test_a_failed_download_keeps_the_prompt_and_a_rerun_downloads_it_without_creating():
+    journal = JobJournal(None)
+
+    async def run(fake, client, clock):
+        fake.faults.image_script = [Scripted(403, "expired", content_type="text/plain")]
+        with pytest.raises(AstriaDownloadError):
+            await client.run_job(TUNE, FIELDS, INPUT_PNG, seed=3)
+        return fake, await client.run_job(TUNE, FIELDS, INPUT_PNG, seed=4)
+
+    fake, result = scenario(run, journal=journal)
+    assert len(fake.creates()) == 1 and result.resumed and result.images == [fake.image]
+
+
+# ---- the key under hostile servers --------------------------------------------------------------------------------
+def test_the_key_never_leaks_when_servers_echo_it_in_bodies_headers_and_redirects(caplog, tmp_path):
+    caplog.set_level(logging.DEBUG)
+    path = tmp_path / "jobs.jsonl"
+    texts = []
+
+    def collect(error):
+        texts.extend([str(error), repr(error), "".join(traceback.format_exception(error))])
+
+    async def run(fake, client, clock):
+        echo = f"Authorization: Bearer {KEY}"
+        fake.faults.create_script = [
+            Scripted(429, {"error": f"slow down {KEY}"}, headers={"Retry-After": "1", "X-Echo": echo}),
+            Scripted(503, f"<html><body>{echo}</body></html>", content_type="text/html", save=True),
+        ]
+        fake.faults.poll_script = [
+            Scripted(500, {"error": echo}),
+            Scripted(200, f"not json {echo}", content_type="text/plain"),
+            Scripted(200, lambda view: {**view, "images": [], "user_error": None, "note": KEY}),
+        ]
+        await client.run_job(TUNE, FIELDS, INPUT_PNG, seed=1)
+        fake.faults.create_script = [Scripted(422, {"errors": {"text": [f"bad {KEY}"]}})]
+        with pytest.raises(AstriaRequestRejected) as rejected:
+            await client.run_job(TUNE, FIELDS, INPUT_PNG, seed=2)
+        collect(rejected.value)
+        fake.faults.poll_script = [Scripted(302, "", headers={"Location": f"{fake.images_url}/echo?key={KEY}"})]
+        with pytest.raises(AstriaProtocolError) as redirected:
+            await client.get_prompt(1001)
+        collect(redirected.value)
+        fake.faults.poll_script = [Scripted(200, lambda view: {**view, "user_error": f"no face ({echo})"})]
+        with pytest.raises(AstriaPromptFailed) as failed:
+            await client.wait(1001)
+        collect(failed.value)
+        fake.faults.create_script = [Scripted(401, {"error": f"invalid token {KEY}"})]
+        with pytest.raises(AstriaAuthError) as unauthorized:
+            await client.run_job(TUNE, FIELDS, INPUT_PNG, seed=3)
+        collect(unauthorized.value)
+        return fake
+
+    fake = scenario(run, journal=JobJournal(path))
+    assert "ASTRIA_API_KEY" in texts[-3]
+    assert "/echo" not in [r.path for r in fake.image_requests]  # the redirect was not followed
+    records = [record.getMessage() + repr(record.args) for record in caplog.records]
+    for text in texts + records + [path.read_text()]:
+        assert KEY not in text
+
+
+# ---- cancel -----------------------------------------------------------------------------------------------------
+def test_cancel_while_the_create_request_hangs_stops_promptly_and_the_rerun_finds_the_prompt(tmp_path):
+    path = tmp_path / "jobs.jsonl"
+    clock = FakeClock()
+
+    async def run(fake, client, clock):
+        fake.faults.create_script = [Scripted(201, save=True, hang=True)]
+        pressed_at = time.monotonic() + 0.3
+        with pytest.raises(AstriaCancelled) as caught:
+            await client.run_job(TUNE, FIELDS, INPUT_PNG, seed=42, cancelled=lambda: time.monotonic() >= pressed_at)
+        stopped_after = time.monotonic() - pressed_at
+        async with make_client(fake, clock, JobJournal(path, wall_clock=clock.wall)) as restarted:
+            result = await restarted.run_job(TUNE, FIELDS, INPUT_PNG, seed=7)
+        return fake, caught.value, stopped_after, result
+
+    fake, error, stopped_after, result = scenario(run, journal=JobJournal(path, wall_clock=clock.wall), clock=clock,
+                                                  timeouts=Timeouts(create_s=60.0))
+    assert stopped_after < 5.0  # not the create's 60 s timeout (a generous bound: no timed assert of the 0.5 s step)
+    assert "may already exist" in str(error)
+    assert len(fake.creates()) == 1 and list(fake.prompts) == [result.prompt_id] and result.seed == 42
+
+
+def test_cancel_during_the_lookup_after_a_lost_create_says_a_prompt_may_exist():
+    journal = JobJournal(None)
+
+    async def run(fake, client, clock):
+        fake.faults.create_script = [Scripted(504, {"error": "Gateway timeout"}, save=True)]
+        fake.faults.fail_500_times = 100  # the lookup keeps failing, so it is backing off when Cancel comes
+        with pytest.raises(AstriaCancelled) as caught:
+            await client.run_job(TUNE, FIELDS, INPUT_PNG, seed=42, cancelled=lambda: clock() >= 62.0)
+        return caught.value
+
+    error = scenario(run, journal=journal)
+    assert "may already exist" in str(error) and "nothing was billed" not in str(error)
+    assert journal.latest_attempt(job_key(TUNE, FIELDS, INPUT_PNG)).state == "intent"  # a rerun looks it up
+
+
+def test_cancel_during_a_poll_backoff_keeps_the_prompt_for_the_rerun():
+    journal = JobJournal(None)
+
+    async def run(fake, client, clock):
+        fake.faults.fail_500_times = 3
+        fake.faults.fail_500_methods = ("GET",)
+        with pytest.raises(AstriaCancelled) as caught:
+            await client.run_job(TUNE, FIELDS, INPUT_PNG, seed=42, cancelled=lambda: clock() >= 2.0)
+        stopped_at = clock()
+        result = await client.run_job(TUNE, FIELDS, INPUT_PNG, seed=1)
+        return fake, caught.value, stopped_at, result
+
+    fake, error, stopped_at, result = scenario(run, Faults(render_s=0), journal=journal)
+    assert 2.0 <= stopped_at <= 3.0 and str(error.prompt_id) in str(error)
+    assert len(fake.creates()) == 1 and result.prompt_id == error.prompt_id and result.resumed
+
+
+def test_cancel_during_a_429_backoff_on_create_says_nothing_was_billed():
+    journal = JobJournal(None)
+
+    async def run(fake, client, clock):
+        fake.faults.create_script = [Scripted(429, {"error": "slow"}, headers={"Retry-After": "100"})]
+        with pytest.raises(AstriaCancelled) as caught:
+            await client.run_job(TUNE, FIELDS, INPUT_PNG, seed=42, cancelled=lambda: clock() >= 10.0)
+        return fake, caught.value, clock()
+
+    fake, error, stopped_at = scenario(run, journal=journal)
+    assert stopped_at <= 11.0 and "nothing was billed" in str(error) and len(fake.creates()) == 1
+
+
+def test_a_create_that_cannot_connect_is_retried_and_fails_saying_nothing_was_created():
+    journal = JobJournal(None)
+    clock = FakeClock()
+
+    async def main():
+        async with FakeAstria(clock, KEY) as fake:
+            closed = fake.base_url
+        client = AstriaClient(closed, KEY, clock=clock, sleep=clock.sleep, wall_clock=clock.wall, journal=journal,
+                              retry=RetryPolicy(base_s=1.0, jitter=0.0, deadline_s=10.0), settle_s=60.0)
+        async with client:
+            with pytest.raises(AstriaTimeout) as caught:
+                await client.run_job(TUNE, FIELDS, INPUT_PNG, seed=5)
+        return caught.value
+
+    error = asyncio.run(main())
+    assert clock() == 7.0  # backoff 1 + 2 + 4 s (8 more would pass 10 s), no 60 s settle: nothing was ever sent
+    assert "nothing was created" in str(error) and "could not connect" in str(error)
+    assert journal.latest_attempt(job_key(TUNE, FIELDS, INPUT_PNG)).state == "failed"

@@ -31,8 +31,8 @@ SYSTEM_USER_NAME = "astria"  # folder_paths turns it into user/__astria/, which 
 KEY_FILE_NAME = "api_key"
 JOURNAL_FILE_NAME = "jobs.jsonl"
 PNG_COMPRESS_LEVEL = 4  # fast; the same pixels always give the same bytes, which the journal's job key relies on
-# Params that are not `prompt[...]` form fields: the seed is sent per image, the tune is in the URL, and the
-# connected IMAGE replaces input_image_url (spec section 3).
+# Params that are not `prompt[...]` form fields as they stand: the seed is sent per image, the tune is in the URL,
+# and input_image_url only goes out when no IMAGE is connected (spec section 3).
 PARAMS_NOT_SENT = ("seed", "tune_id", "input_image_url")
 
 
@@ -52,8 +52,9 @@ def load_key() -> tuple[str, Path]:
     return key, key_file
 
 
-def remote_fields(prompt) -> tuple[dict, list[str]]:
-    """The `prompt[...]` form fields for a parsed prompt (without the seed) and notices about what was changed."""
+def remote_fields(prompt, has_image: bool = True) -> tuple[dict, list[str]]:
+    """The `prompt[...]` form fields for a parsed prompt (without the seed) and notices about what was changed;
+    `has_image`: an IMAGE is connected (then it is uploaded and the prompt's input_image_url is not sent)."""
     notices = []
     # As pasted: Astria reads tags where they stand (`<faceid:ID:1> NAME` needs the class name right after the tag).
     text = prompt.text_as_written()
@@ -66,7 +67,9 @@ def remote_fields(prompt) -> tuple[dict, list[str]]:
     for key, value in prompt.params.items():
         if value is not None and key not in PARAMS_NOT_SENT:
             fields[key] = value
-    if prompt.is_set("input_image_url"):
+    if not has_image:
+        fields["input_image_url"] = prompt.param("input_image_url")
+    elif prompt.is_set("input_image_url"):
         notices.append("The prompt's input_image_url was not sent: the connected IMAGE is what Astria upscales.")
     return fields, notices
 
@@ -193,8 +196,10 @@ class AstriaRemoteUpscale(io.ComfyNode):
                         "results. Every image is one paid Astria prompt. The API key comes from ASTRIA_API_KEY or "
                         "the key file user/__astria/api_key, never from the workflow.",
             inputs=[
-                io.Image.Input("image", tooltip="The images to upscale; each image of the batch is one paid "
-                                                "Astria prompt."),
+                io.Image.Input("image", optional=True,
+                               tooltip="The images to upscale; each image of the batch is one paid Astria prompt. "
+                                       "Leave it unconnected to have Astria fetch the prompt's input_image_url= "
+                                       "instead (one prompt)."),
                 AstriaPromptType.Input("astria_prompt", tooltip="The parsed prompt from Astria Prompt; its text, "
                                                                 "tags, flags and params are sent as written."),
                 io.Int.Input("tune_id", default=DEFAULT_TUNE_ID, min=1, max=2**63 - 1,
@@ -215,9 +220,12 @@ class AstriaRemoteUpscale(io.ComfyNode):
         )
 
     @classmethod
-    async def execute(cls, image, astria_prompt, tune_id=DEFAULT_TUNE_ID, seed=0, concurrency=2,
+    async def execute(cls, astria_prompt, image=None, tune_id=DEFAULT_TUNE_ID, seed=0, concurrency=2,
                       max_prompts=16) -> io.NodeOutput:
-        count = image.shape[0]
+        if image is None and not astria_prompt.is_set("input_image_url"):
+            raise ValueError("Astria Remote Upscale has nothing to upscale: connect an IMAGE, or give the prompt an "
+                             "input_image_url=https://... line for Astria to fetch.")
+        count = 1 if image is None else image.shape[0]
         if count == 0:
             raise ValueError("Astria Remote Upscale: the image batch is empty; connect at least one image.")
         if count > max_prompts:
@@ -225,7 +233,7 @@ class AstriaRemoteUpscale(io.ComfyNode):
                              f"image, each returning num_images={astria_prompt.param('num_images', 1)} image(s)), "
                              f"more than max_prompts={max_prompts}. Raise max_prompts or send fewer images; nothing "
                              "was sent.")
-        fields, notices = remote_fields(astria_prompt)
+        fields, notices = remote_fields(astria_prompt, has_image=image is not None)
         if astria_prompt.is_set("tune_id") and str(astria_prompt.param("tune_id")) != str(tune_id):
             notices.append(f"The prompt's tune_id={astria_prompt.param('tune_id')} was not used: the node's tune_id "
                            f"({tune_id}) is.")
@@ -233,7 +241,7 @@ class AstriaRemoteUpscale(io.ComfyNode):
             log.warning("Astria Remote Upscale: %s", notice)
         key, key_file = load_key()
         seeds = batch_seeds(astria_prompt, seed, count)
-        pngs = [image_to_png(image[index]) for index in range(count)]
+        pngs = [None] if image is None else [image_to_png(image[index]) for index in range(count)]
         status = StatusReport(count, cls.hidden.unique_id if cls.hidden is not None else None)
         journal = JobJournal(astria_folder() / JOURNAL_FILE_NAME)
         async with AstriaClient(astria_api.api_base_url(), key, journal=journal, key_file_hint=str(key_file)) \

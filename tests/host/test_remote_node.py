@@ -124,6 +124,23 @@ def test_the_prompt_text_is_sent_as_written_and_unset_params_are_not_sent(comfy_
     assert list(astria.creates()[0].files) == ["prompt[input_image]"]
 
 
+def test_without_an_image_the_prompts_input_image_url_is_sent_instead_of_a_file(comfy_host, astria):
+    url = "https://example.com/photos/x.png"
+    prompt = parsed(comfy_host, f"a house --only_upscale\ninput_image_url={url}\nsteps=16")
+    result = remote(comfy_host, None, prompt, seed=5)
+    assert result.shape[0] == 1 and result.shape[1:3] == (RESULT_SIZE[1], RESULT_SIZE[0])
+    (request,) = astria.creates()
+    assert request.fields["prompt[input_image_url]"] == url and request.fields["prompt[seed]"] == "5"
+    assert request.files == {}
+
+
+def test_without_an_image_or_an_input_image_url_nothing_is_sent_and_the_error_says_what_to_connect(comfy_host,
+                                                                                                   astria):
+    with pytest.raises(ValueError, match="connect an IMAGE, or give the prompt an input_image_url="):
+        remote(comfy_host, None, parsed(comfy_host, "a house --only_upscale"))
+    assert astria.creates() == []
+
+
 def test_identical_images_get_distinct_seeds_and_one_prompt_each(comfy_host, astria):
     result = remote(comfy_host, batch((9, 9, 9), (9, 9, 9), (9, 9, 9)), parsed(comfy_host), seed=500,
                     concurrency=3)

@@ -371,8 +371,10 @@ def _comfy_literal_text(text: str) -> str:
 
 
 def _comfy_weight(weight: float) -> str:
-    """A weight as ComfyUI text: 12 significant digits, so 1.2100000000000002 reads 1.21 (within 1e-12)."""
-    return f"{weight:.12g}"
+    """A weight as ComfyUI text, read back within 1e-12: 1.2100000000000002 as 1.21, 1988.2837875780008 in full."""
+    # 12 significant digits drop the float noise of multiplying by 1.1, but are too few for large weights.
+    short = f"{weight:.12g}"
+    return short if abs(float(short) - weight) <= 1e-12 else repr(weight)
 
 
 def _strip_nul_collisions(text: str, warnings: list[str]) -> str:

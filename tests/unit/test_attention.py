@@ -314,6 +314,23 @@ def test_to_comfy_text(text, comfy):
     assert to_comfy(text) == (comfy, [])
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["((((((a:1234.5678))))))", "(((((a:12345.6789)))))", "(a:123456789.123456789)", "[[[[(a:0.000123456789)]]]]"],
+)
+def test_to_comfy_large_weights_stay_within_1e_12(text):
+    # 12 significant digits alone wrote 1988.2837875780008 as 1988.28378758 (2e-9 off): past the 1e-9 the
+    # spec allows. The weight written must read back within 1e-12 of A1111's, absolute as well as relative.
+    ((piece, weight),) = parse_attention(text)
+    written = re.fullmatch(r"\((.*):([^:]*)\)", to_comfy(text).text)
+    assert written.group(1) == piece
+    assert abs(float(written.group(2)) - weight) <= 1e-12
+
+
+def test_to_comfy_keeps_short_weights_short():
+    assert to_comfy("(((a:1.2)))").text == "(a:1.452)"  # not 1.4520000000000002
+
+
 def test_to_comfy_replaces_break_with_a_space_and_warns():
     converted = to_comfy("a BREAK (b)")
     assert converted.text == "a (b:1.1)"

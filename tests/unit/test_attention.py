@@ -178,6 +178,7 @@ def test_break_markers_are_only_unbracketed_breaks():
     pieces = parse_attention("a BREAK (b BREAK c)")
     assert pieces == [("a", 1.0), ("BREAK", -1.0), ("", 1.0), ("b", 1.1), ("BREAK", -1.1), ("c", 1.1)]
     assert [is_chunk_break(t, w) for t, w in pieces] == [False, True, False, False, False, False]
+    assert [attention.is_bracketed_break(t, w) for t, w in pieces] == [False] * 4 + [True, False]
 
 
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -459,6 +459,17 @@ def test_embedding_vectors_stay_in_one_chunk():
         a1111_chunks([[Unsplit(tuple(range(76)), 1.0)]], COMMA, PAD)
 
 
+def test_comma_backtrack_moves_an_embedding_whole_with_its_vectors():
+    # A1111's tokenize_line moves the tokens after the comma but leaves the embedding's fix at its old offset, so
+    # its vectors land in the first chunk's padding and the next chunk gets bare placeholder tokens. Ours moves the
+    # vectors with their place (a deliberate difference: A1111's result is a bug, not a format).
+    piece = _words(60) + [(COMMA, 1.0)] + _words(5, start=2000) + [Unsplit(("v1", "v2", "v3"), 0.8)] + _words(20)
+    first, second = a1111_chunks([piece], COMMA, PAD)
+    assert first.tokens == [t for t, _ in piece[:61]] + [PAD] * 14
+    assert second.tokens[:8] == [2000, 2001, 2002, 2003, 2004, "v1", "v2", "v3"]
+    assert second.weights[5:8] == [0.8] * 3
+
+
 token_items = st.one_of(
     st.tuples(st.sampled_from([COMMA, COMMA, 5, 6, 7]), st.sampled_from([1.0, 1.1, 0.5])),
     st.builds(Unsplit, st.lists(st.just("v"), min_size=1, max_size=8).map(tuple), st.just(1.3)),

@@ -135,6 +135,8 @@ def _encode_one(clip, encoders, vocabularies, text, weighting, index, label, not
         else:
             conditioning, chunk_count = _a1111_conditioning(clip, encoders, vocabularies, text, index)
             notes.append(f"{label}: {chunk_count} chunk{'s' if chunk_count != 1 else ''} of 75 tokens")
+            if any(attention.is_bracketed_break(*piece) for piece in attention.parse_attention(text)):
+                notes.append(f"{label}: {attention.BRACKETED_BREAK_WARNING}")
             return conditioning
     except attention.AttentionSyntaxError as error:
         raise ValueError(f"Astria Encode, {label} prompt: {error}") from error

@@ -350,6 +350,17 @@ def is_chunk_break(text: str, weight: float) -> bool:
     return text == BREAK_TEXT and weight == BREAK_WEIGHT
 
 
+BRACKETED_BREAK_WARNING = (
+    "BREAK inside brackets does not start a new chunk in A1111: it stays the word BREAK with a negative "
+    "weight; move it out of the brackets to break the prompt there."
+)
+
+
+def is_bracketed_break(text: str, weight: float) -> bool:
+    """Whether a parsed piece is a BREAK that brackets kept from breaking the chunk (encoded as the word)."""
+    return text == BREAK_TEXT and weight < 0 and weight != BREAK_WEIGHT
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # ComfyUI prompt text
 
@@ -371,8 +382,10 @@ def _comfy_literal_text(text: str) -> str:
 
 
 def _comfy_weight(weight: float) -> str:
-    """A weight as ComfyUI text: 12 significant digits, so 1.2100000000000002 reads 1.21 (within 1e-12)."""
-    return f"{weight:.12g}"
+    """A weight as ComfyUI text, read back within 1e-12: 1.2100000000000002 as 1.21, 1988.2837875780008 in full."""
+    # 12 significant digits drop the float noise of multiplying by 1.1, but are too few for large weights.
+    short = f"{weight:.12g}"
+    return short if abs(float(short) - weight) <= 1e-12 else repr(weight)
 
 
 def _strip_nul_collisions(text: str, warnings: list[str]) -> str:
@@ -397,7 +410,7 @@ def pieces_to_comfy(pieces: Sequence[tuple[str, float]]) -> ComfyText:
             # ComfyUI's text has no chunk break; a space keeps the words on both sides apart.
             breaks += 1
             text, weight = " ", 1.0
-        elif text == BREAK_TEXT and weight < 0:
+        elif is_bracketed_break(text, weight):
             bracketed_break = True
         if "\x00" in text:
             text = _strip_nul_collisions(text, warnings)
@@ -420,10 +433,7 @@ def pieces_to_comfy(pieces: Sequence[tuple[str, float]]) -> ComfyText:
             "Astria Encode honours it (in plain ComfyUI, encode the parts separately and use Conditioning Concat)."
         )
     if bracketed_break:
-        warnings.append(
-            "BREAK inside brackets does not start a new chunk in A1111: it stays the word BREAK with a negative "
-            "weight; move it out of the brackets to break the prompt there."
-        )
+        warnings.append(BRACKETED_BREAK_WARNING)
     return ComfyText("".join(out), list(dict.fromkeys(warnings)))
 
 

@@ -81,7 +81,9 @@ def assert_same_weights(sd1_clip, text):
     assert chars == expected_chars
     assert len(weights) == len(expected_weights)
     for got, expected in zip(weights, expected_weights):
+        # Within the spec's 1e-9 absolute as well: large weights must not lose digits in the text.
         assert math.isclose(got, expected, rel_tol=1e-9, abs_tol=1e-12), (converted.text, got, expected)
+        assert abs(got - expected) <= 1e-9, (converted.text, got, expected)
 
 
 FRAGMENTS = [
@@ -104,6 +106,7 @@ bracket_prompts = st.lists(st.sampled_from(FRAGMENTS), max_size=40).map("".join)
         "x:1.5) (y:0.5:2) (z:inf) (:3)",
         "a BREAK b (c BREAK d)",
         "nul\x00\x01 and\x00\x00\x02 (kept\x00)",
+        "((((((big:1234.5678)))))) (huge:123456789.123456789) ((((((((((((((((tiny:0.000001))))))))))))))))",
     ],
 )
 def test_hand_written_prompts(sd1_clip, text):

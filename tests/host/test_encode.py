@@ -96,6 +96,17 @@ def test_break_starts_a_second_chunk(comfy_host, sd15):
     assert "positive: 2 chunks of 75 tokens" in notes
 
 
+def test_bracketed_break_stays_in_the_chunk_and_is_noted(comfy_host, sd15):
+    # A1111 breaks the chunk only at an unbracketed BREAK; in brackets it is the word "break", weighted -1.1.
+    _, clip, _ = sd15
+    positive, _, notes = encode(comfy_host, clip, "a (cat BREAK dog)", "a1111")
+    assert positive[0][0].shape == (1, CHUNK, 768)
+    assert "positive: 1 chunk of 75 tokens" in notes
+    assert f"positive: {attention.BRACKETED_BREAK_WARNING}" in notes
+    _, _, plain_notes = encode(comfy_host, clip, "a cat BREAK dog", "a1111")
+    assert attention.BRACKETED_BREAK_WARNING not in plain_notes
+
+
 def test_the_embedding_changes_the_conditioning(comfy_host, sd15):
     _, clip, _ = sd15
     positive, _, _ = encode(comfy_host, clip, "a photo, tiny_neg", "a1111")

@@ -178,6 +178,7 @@ def test_break_markers_are_only_unbracketed_breaks():
     pieces = parse_attention("a BREAK (b BREAK c)")
     assert pieces == [("a", 1.0), ("BREAK", -1.0), ("", 1.0), ("b", 1.1), ("BREAK", -1.1), ("c", 1.1)]
     assert [is_chunk_break(t, w) for t, w in pieces] == [False, True, False, False, False, False]
+    assert [attention.is_bracketed_break(t, w) for t, w in pieces] == [False] * 4 + [True, False]
 
 
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -314,6 +315,23 @@ def test_to_comfy_text(text, comfy):
     assert to_comfy(text) == (comfy, [])
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["((((((a:1234.5678))))))", "(((((a:12345.6789)))))", "(a:123456789.123456789)", "[[[[(a:0.000123456789)]]]]"],
+)
+def test_to_comfy_large_weights_stay_within_1e_12(text):
+    # 12 significant digits alone wrote 1988.2837875780008 as 1988.28378758 (2e-9 off): past the 1e-9 the
+    # spec allows. The weight written must read back within 1e-12 of A1111's, absolute as well as relative.
+    ((piece, weight),) = parse_attention(text)
+    written = re.fullmatch(r"\((.*):([^:]*)\)", to_comfy(text).text)
+    assert written.group(1) == piece
+    assert abs(float(written.group(2)) - weight) <= 1e-12
+
+
+def test_to_comfy_keeps_short_weights_short():
+    assert to_comfy("(((a:1.2)))").text == "(a:1.452)"  # not 1.4520000000000002
+
+
 def test_to_comfy_replaces_break_with_a_space_and_warns():
     converted = to_comfy("a BREAK (b)")
     assert converted.text == "a (b:1.1)"
@@ -439,6 +457,17 @@ def test_embedding_vectors_stay_in_one_chunk():
     assert chunks[1].weights[:6] == [1.2] * 6
     with pytest.raises(ValueError, match="76 vectors"):
         a1111_chunks([[Unsplit(tuple(range(76)), 1.0)]], COMMA, PAD)
+
+
+def test_comma_backtrack_moves_an_embedding_whole_with_its_vectors():
+    # A1111's tokenize_line moves the tokens after the comma but leaves the embedding's fix at its old offset, so
+    # its vectors land in the first chunk's padding and the next chunk gets bare placeholder tokens. Ours moves the
+    # vectors with their place (a deliberate difference: A1111's result is a bug, not a format).
+    piece = _words(60) + [(COMMA, 1.0)] + _words(5, start=2000) + [Unsplit(("v1", "v2", "v3"), 0.8)] + _words(20)
+    first, second = a1111_chunks([piece], COMMA, PAD)
+    assert first.tokens == [t for t, _ in piece[:61]] + [PAD] * 14
+    assert second.tokens[:8] == [2000, 2001, 2002, 2003, 2004, "v1", "v2", "v3"]
+    assert second.weights[5:8] == [0.8] * 3
 
 
 token_items = st.one_of(

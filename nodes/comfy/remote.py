@@ -149,13 +149,14 @@ class StatusReport:
         instance.send_progress_text("\n".join([header, *lines]), self.node_id)
 
 
-async def send_batch(client, tune_id, fields, pngs, seeds, concurrency, status):
+async def send_batch(client, tune_id, fields, pngs, seeds, concurrency, status, poll_interval_s):
     """Run one job per image, at most `concurrency` at once; returns each image's JobResult or exception, in order."""
     limit = asyncio.Semaphore(concurrency)
 
     async def one(index):
         async with limit:
             return await client.run_job(tune_id, fields, pngs[index], seed=seeds[index], slot=index,
+                                        poll_interval=poll_interval_s,
                                         on_status=lambda stage, text: status.image_status(index, stage, text),
                                         cancelled=comfy.model_management.processing_interrupted)
 
@@ -240,13 +241,15 @@ class AstriaRemoteUpscale(io.ComfyNode):
         for notice in notices:
             log.warning("Astria Remote Upscale: %s", notice)
         key, key_file = load_key()
+        waits = astria_api.WaitSettings.from_env()
         seeds = batch_seeds(astria_prompt, seed, count)
         pngs = [None] if image is None else [image_to_png(image[index]) for index in range(count)]
         status = StatusReport(count, cls.hidden.unique_id if cls.hidden is not None else None)
         journal = JobJournal(astria_folder() / JOURNAL_FILE_NAME)
-        async with AstriaClient(astria_api.api_base_url(), key, journal=journal, key_file_hint=str(key_file)) \
-                as client:
-            outcomes = await send_batch(client, int(tune_id), fields, pngs, seeds, concurrency, status)
+        async with AstriaClient(astria_api.api_base_url(), key, journal=journal, key_file_hint=str(key_file),
+                                retry=waits.retry) as client:
+            outcomes = await send_batch(client, int(tune_id), fields, pngs, seeds, concurrency, status,
+                                        waits.poll_interval_s)
         raise_for_failures(outcomes, seeds[0])
         for result in outcomes:
             for notice in result.notices:

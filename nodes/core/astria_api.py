@@ -39,6 +39,10 @@ DEFAULT_KEY_FILE_HINT = "user/__astria/api_key in ComfyUI's folder"
 SETTLE_ENV = "ASTRIA_CREATE_SETTLE_S"
 DEFAULT_SETTLE_S = 60.0  # Astria's docs: after a 504, wait 60 s before looking again
 DEFAULT_DEADLINE_S = 600.0  # Astria's CLI gives a prompt 10 minutes
+DEFAULT_POLL_INTERVAL_S = 5.0  # Astria's CLI polls every 5 s
+RETRY_BASE_ENV = "ASTRIA_RETRY_BASE_S"
+POLL_ENV = "ASTRIA_POLL_INTERVAL_S"
+DEADLINE_ENV = "ASTRIA_DEADLINE_S"
 CANCEL_CHECK_S = 1.0  # the longest a wait goes without looking at the cancel flag
 REQUEST_CANCEL_CHECK_S = 0.5  # same, while an HTTP request is in flight (real time: the network is real)
 LIST_PAGE_SIZE = 20
@@ -218,18 +222,44 @@ def load_api_key(key_file: Optional[str | os.PathLike] = None) -> Optional[str]:
     return text or None
 
 
-def settle_seconds_from_env() -> float:
-    """Return the wait after an ambiguous create, from `ASTRIA_CREATE_SETTLE_S` (default 60 s)."""
-    raw = os.environ.get(SETTLE_ENV, "").strip()
+def seconds_from_env(name: str, default: float, *, positive: bool = False) -> float:
+    """Return a duration in seconds from the environment variable `name`, or `default` when it is unset or empty;
+    a value that is not a finite number of seconds (or not above 0 when `positive`) is an error naming the fix."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return DEFAULT_SETTLE_S
+        return default
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"{SETTLE_ENV}={raw!r} is not a number of seconds; set it to e.g. 60 or unset it.") from None
-    if value < 0 or math.isnan(value):
-        raise ValueError(f"{SETTLE_ENV}={raw!r} must be 0 or more seconds.")
+        raise ValueError(f"{name}={raw!r} is not a number of seconds; set it to e.g. {default:g} or unset it.") \
+            from None
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name}={raw!r} must be {'more than' if positive else '0 or more'} seconds "
+                         f"(e.g. {default:g}, the default).")
     return value
+
+
+def settle_seconds_from_env() -> float:
+    """Return the wait after an ambiguous create, from `ASTRIA_CREATE_SETTLE_S` (default 60 s)."""
+    return seconds_from_env(SETTLE_ENV, DEFAULT_SETTLE_S)
+
+
+@dataclass(frozen=True)
+class WaitSettings:
+    """How long the remote node waits, from the environment (defaults: Astria's docs and CLI)."""
+
+    retry: RetryPolicy
+    poll_interval_s: float
+    deadline_s: float
+
+    @classmethod
+    def from_env(cls) -> "WaitSettings":
+        """`ASTRIA_RETRY_BASE_S` (first backoff after a 5xx or a dropped connection, default 30, doubling),
+        `ASTRIA_POLL_INTERVAL_S` (default 5) and `ASTRIA_DEADLINE_S` (how long a prompt may render, default 600)."""
+        deadline = seconds_from_env(DEADLINE_ENV, DEFAULT_DEADLINE_S, positive=True)
+        retry = RetryPolicy(base_s=seconds_from_env(RETRY_BASE_ENV, RetryPolicy.base_s, positive=True),
+                            deadline_s=deadline)
+        return cls(retry, seconds_from_env(POLL_ENV, DEFAULT_POLL_INTERVAL_S, positive=True), deadline)
 
 
 def check_image_bytes(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
@@ -712,8 +742,8 @@ class AstriaClient:
             form.add_field("prompt[input_image]", image_png, filename="input.png", content_type="image/png")
         return form
 
-    async def wait(self, prompt_id: int, *, poll_interval: float = 5.0, deadline: Optional[float] = None,
-                   cancelled: Optional[CancelCheck] = None,
+    async def wait(self, prompt_id: int, *, poll_interval: float = DEFAULT_POLL_INTERVAL_S,
+                   deadline: Optional[float] = None, cancelled: Optional[CancelCheck] = None,
                    on_poll: Optional[Callable[[float], None]] = None) -> list[str]:
         """Poll a prompt until it has images and return their URLs; `deadline` is seconds from now (default 600)."""
         prompt_id = int(prompt_id)
@@ -927,7 +957,7 @@ class AstriaClient:
 
     async def run_job(self, tune_id: int, fields: Mapping[str, Any], image_png: Optional[bytes], *, seed: int,
                       slot: int = 0, on_status: Optional[StatusCallback] = None,
-                      cancelled: Optional[CancelCheck] = None, poll_interval: float = 5.0,
+                      cancelled: Optional[CancelCheck] = None, poll_interval: float = DEFAULT_POLL_INTERVAL_S,
                       deadline: Optional[float] = None, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
                       max_pixels: int = DEFAULT_MAX_PIXELS) -> JobResult:
         """Create-or-resume one job (one input image), wait for it and download its images, journaling each step.

@@ -141,6 +141,29 @@ def test_without_an_image_or_an_input_image_url_nothing_is_sent_and_the_error_sa
     assert astria.creates() == []
 
 
+def test_poll_interval_retry_base_and_deadline_come_from_the_environment(comfy_host, astria, monkeypatch):
+    """ASTRIA_POLL_INTERVAL_S and ASTRIA_RETRY_BASE_S: with the defaults (5 s, 30 s after a 500) this render of
+    0.4 s would be polled twice; ASTRIA_DEADLINE_S bounds a prompt that never finishes."""
+    monkeypatch.setenv("ASTRIA_POLL_INTERVAL_S", "0.05")
+    monkeypatch.setenv("ASTRIA_RETRY_BASE_S", "0.05")
+    astria.faults.render_s = 0.4
+    astria.faults.fail_500_times = 1
+    result = remote(comfy_host, batch((1, 2, 3)), parsed(comfy_host), seed=3)
+    assert result.shape[0] == 1
+    assert len(astria.api("GET", "/prompts/")) >= 4
+    monkeypatch.setenv("ASTRIA_DEADLINE_S", "0.3")
+    astria.faults.never_finish = True
+    with pytest.raises(RuntimeError, match="before the deadline"):
+        remote(comfy_host, batch((9, 9, 9)), parsed(comfy_host), seed=4)
+
+
+def test_a_bad_wait_setting_in_the_environment_is_refused_before_anything_is_sent(comfy_host, astria, monkeypatch):
+    monkeypatch.setenv("ASTRIA_POLL_INTERVAL_S", "soon")
+    with pytest.raises(ValueError, match="ASTRIA_POLL_INTERVAL_S='soon' is not a number of seconds"):
+        remote(comfy_host, batch((1, 2, 3)), parsed(comfy_host))
+    assert astria.creates() == []
+
+
 def test_identical_images_get_distinct_seeds_and_one_prompt_each(comfy_host, astria):
     result = remote(comfy_host, batch((9, 9, 9), (9, 9, 9), (9, 9, 9)), parsed(comfy_host), seed=500,
                     concurrency=3)

@@ -925,3 +925,22 @@ def test_a_create_that_cannot_connect_is_retried_and_fails_saying_nothing_was_cr
     assert clock() == 7.0  # backoff 1 + 2 + 4 s (8 more would pass 10 s), no 60 s settle: nothing was ever sent
     assert "nothing was created" in str(error) and "could not connect" in str(error)
     assert journal.latest_attempt(job_key(TUNE, FIELDS, INPUT_PNG)).state == "failed"
+
+
+def test_wait_settings_from_the_environment(monkeypatch):
+    for name in ("ASTRIA_RETRY_BASE_S", "ASTRIA_POLL_INTERVAL_S", "ASTRIA_DEADLINE_S"):
+        monkeypatch.delenv(name, raising=False)
+    defaults = astria_api.WaitSettings.from_env()
+    assert (defaults.retry.base_s, defaults.poll_interval_s, defaults.deadline_s) == (30.0, 5.0, 600.0)
+    monkeypatch.setenv("ASTRIA_RETRY_BASE_S", "2.5")
+    monkeypatch.setenv("ASTRIA_POLL_INTERVAL_S", " 1 ")
+    monkeypatch.setenv("ASTRIA_DEADLINE_S", "90")
+    waits = astria_api.WaitSettings.from_env()
+    assert (waits.retry.base_s, waits.poll_interval_s, waits.deadline_s, waits.retry.deadline_s) == (2.5, 1.0, 90, 90)
+    for bad in ("0", "-1", "nan", "inf", "soon"):
+        monkeypatch.setenv("ASTRIA_POLL_INTERVAL_S", bad)
+        with pytest.raises(ValueError, match="ASTRIA_POLL_INTERVAL_S="):
+            astria_api.WaitSettings.from_env()
+    monkeypatch.setenv("ASTRIA_POLL_INTERVAL_S", "5")
+    monkeypatch.setenv("ASTRIA_CREATE_SETTLE_S", "0")  # the settle wait may be 0, the others not
+    assert astria_api.settle_seconds_from_env() == 0.0

@@ -152,6 +152,15 @@ def parse_prompt(text: str) -> AstriaPrompt:
         for kind, name, weight in tags:
             (loras if kind == "lora" else faceids).append((name, weight))
         _warn_lookalike_flags(line, line_number, warnings)
+        if not index and "=" in line:
+            _warn_param_on_the_first_line(line, warnings)
+        elif "=" in line:
+            meant = _meant_param(line)
+            if meant:
+                warnings.add(
+                    f"line {line_number}: {_show(line.strip())} is read as prompt text (a key is letters, digits "
+                    f"and _ only); write {meant} for the parameter"
+                )
         prompt_parts.append(_extract_flags(line, line_number, flags, flag_lines, warnings))
     _warn_repeated_tags(loras, "LoRA", warnings)
     _warn_repeated_tags(faceids, "faceid", warnings)
@@ -535,10 +544,7 @@ def _parse_params(lines: list[str], first: int, warnings: _Warnings) -> tuple[st
             if continuing_negative:
                 negative_parts.append(line)
             else:
-                warnings.add(
-                    f"line {line_number}: {_show(line.strip())} is not key=value and was ignored "
-                    "(prompt text belongs before the first key=value line)"
-                )
+                warnings.add(f"line {line_number}: {_show(line.strip())} {_why_not_a_param(line)}")
             continue
         written_key = match.group(1)
         key = written_key.lower() if written_key.lower() in tables.PARAM_TYPES else written_key
@@ -563,6 +569,40 @@ def _parse_params(lines: list[str], first: int, warnings: _Warnings) -> tuple[st
     negative = _tidy(" ".join(negative_parts))
     _warn_tags_in_negative(negative, key_lines.get("negative_prompt"), warnings)
     return negative, params
+
+
+def _warn_param_on_the_first_line(line: str, warnings: _Warnings) -> None:
+    """Line 1 is always prompt text (spec); say so when it looks like a typed param, e.g. a block without a prompt."""
+    match = _KEY_LINE.match(line)
+    key = match.group(1).lower() if match else ""
+    # String keys stay quiet: `style=anime, girl` is a plausible prompt; `steps=16` is not.
+    if key == "negative_prompt" or tables.PARAM_TYPES.get(key, "string") != "string":
+        warnings.add(
+            f"line 1: {_show(line.strip())} is read as prompt text (the first line always is); put the prompt on "
+            "line 1 and the parameters below it"
+        )
+
+
+def _why_not_a_param(line: str) -> str:
+    """Why a line among the params was ignored, and what to write instead."""
+    if "=" not in line:
+        return "is not key=value and was ignored (prompt text belongs before the first key=value line)"
+    if not line.partition("=")[0].strip():
+        return "has no key before '=' and was ignored; write key=value"
+    meant = _meant_param(line)
+    if meant:
+        return f"was ignored: a key has no spaces or other marks; write {meant}"
+    return "was ignored: a key is letters, digits and _ only (prompt text belongs before the first key=value line)"
+
+
+def _meant_param(line: str) -> str | None:
+    """`CFG Scale=7` -> `cfg_scale=7`: the known param a line with a misspelt key means, or None."""
+    key, _equals, value = line.partition("=")
+    known = re.sub(r"\W+", "_", key, flags=re.ASCII).strip("_").lower()
+    if known not in tables.PARAM_TYPES:
+        return None
+    value = value.strip()
+    return f"{known}={_show(value) if value else ''}"
 
 
 def _warn_tags_in_negative(negative: str, line_number: int | None, warnings: _Warnings) -> None:

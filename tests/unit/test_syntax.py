@@ -108,6 +108,31 @@ def test_first_line_is_always_prompt_even_with_equals():
     assert prompt.params == {"seed": 5}
 
 
+def test_a_typed_param_on_the_first_line_is_prompt_text_with_a_warning():
+    prompt = parse_prompt("steps=16\nseed=1")
+    assert prompt.positive == "steps=16" and prompt.params == {"seed": 1}
+    assert prompt.warnings == (
+        "line 1: steps=16 is read as prompt text (the first line always is); put the prompt on line 1 and the "
+        "parameters below it",
+    )
+    assert parse_prompt("style=anime, girl\nseed=5").warnings == ()
+
+
+def test_a_known_key_written_with_spaces_says_how_to_write_it():
+    prompt = parse_prompt("cat\nCFG Scale=7\nsteps=16\nDenoising strength = 0.2\nmy key=1\n=v")
+    assert prompt.positive == "cat CFG Scale=7" and prompt.params == {"steps": 16}
+    assert prompt.warnings == (
+        "line 2: CFG Scale=7 is read as prompt text (a key is letters, digits and _ only); write cfg_scale=7 for "
+        "the parameter",
+        "line 4: Denoising strength = 0.2 was ignored: a key has no spaces or other marks; write "
+        "denoising_strength=0.2",
+        "line 5: my key=1 was ignored: a key is letters, digits and _ only (prompt text belongs before the first "
+        "key=value line)",
+        "line 6: =v has no key before '=' and was ignored; write key=value",
+    )
+    assert parse_prompt("portrait\na cat = a dog\nsteps=4").warnings == ()
+
+
 def test_line_with_non_identifier_key_stays_prompt_text():
     prompt = parse_prompt("portrait\na cat = a dog\n(x:1.2)=y\nsteps=4")
     assert prompt.positive == "portrait a cat = a dog (x:1.2)=y"

@@ -41,6 +41,7 @@ _INTEGER = re.compile(r"[+-]?\d+")
 _NUMBER_OR_PERCENT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)%?")
 _DRIVE = re.compile(r"[A-Za-z]:")
 _WHITESPACE = re.compile(r"\s+")
+_DECIMAL_COMMA = re.compile(r"[+-]?[0-9]*,[0-9]+")
 _MAX_INT_DIGITS = 30  # longer integers are out of every range; also keeps int() away from its digit limit
 
 
@@ -314,7 +315,7 @@ def _split_tag_body(body: str, kind: str, line_number: int, column: int) -> tupl
         if not _NUMBER.fullmatch(weight_text):
             raise AstriaSyntaxError(
                 line_number, column, f"the weight {_show(weight_text)} of {_show(tag)} is not a number",
-                "give a number such as 0.5, or leave out ':WEIGHT' for 1.0",
+                _decimal_comma_fix(weight_text) or "give a number such as 0.5, or leave out ':WEIGHT' for 1.0",
             )
         weight = float(weight_text)
         if not math.isfinite(weight):
@@ -479,7 +480,7 @@ def _typed_flag_value(name: str, token: str, line_number: int, column: int) -> A
     wanted = {"float": "a number", "int": "a whole number", "number_or_percent": "a number or a percentage"}
     raise AstriaSyntaxError(
         line_number, column, f"--{name} {_show(token)} is not {wanted[value_type]}",
-        f"write e.g. {_flag_example(name)}",
+        (value_type == "float" and _decimal_comma_fix(token, f"--{name} ")) or f"write e.g. {_flag_example(name)}",
     )
 
 
@@ -634,11 +635,19 @@ def _typed_param(key: str, raw: str, line_number: int, column: int) -> Any:
     else:
         if not _NUMBER.fullmatch(raw) or not math.isfinite(float(raw)):
             raise AstriaSyntaxError(
-                line_number, column, f"{key}={_show(raw)} is not a number", f"write e.g. {_param_example(key)}"
+                line_number, column, f"{key}={_show(raw)} is not a number",
+                _decimal_comma_fix(raw, f"{key}=") or f"write e.g. {_param_example(key)}",
             )
         value = float(raw)
     _check_range(key, raw, value, line_number, column)
     return value
+
+
+def _decimal_comma_fix(text: str, prefix: str = "") -> str | None:
+    """`1,5` -> the fix `write 1.5 (a dot, not a comma)`; None when the text is not a number with a decimal comma."""
+    if len(text) <= _SHOWN_VALUE_CHARS and _DECIMAL_COMMA.fullmatch(text):
+        return f"write {prefix}{text.replace(',', '.')} (a decimal dot, not a comma)"
+    return None
 
 
 def _digit_count(integer_text: str) -> int:

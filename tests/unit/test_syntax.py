@@ -245,6 +245,20 @@ def test_bad_tags_are_errors_naming_the_tag(text, column, words):
     assert (error.line, error.column) == (1, column)
 
 
+@pytest.mark.parametrize(
+    ("text", "fix"),
+    [
+        ("<lora:a:0,5>", "write 0.5 (a decimal dot, not a comma)"),
+        ("x\ncfg_scale=6,5", "write cfg_scale=6.5 (a decimal dot, not a comma)"),
+        ("x --resemblance 0,65", "write --resemblance 0.65 (a decimal dot, not a comma)"),
+        ("x --resemblance 1,2,3", "write e.g. --resemblance 0.65"),
+    ],
+)
+def test_a_decimal_comma_is_an_error_whose_fix_is_the_dotted_number(text, fix):
+    error = error_of(text)
+    assert error.fix == fix and "is not a number" in error.problem
+
+
 def test_tag_error_reports_its_line():
     error = error_of("first line\nsecond <lora:x:zz>\nsteps=1")
     assert error.line == 2 and error.column == 8

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +28,10 @@ METHOD_LABELS = {"alias": "alias", "exact": "exact match", "case": "case-insensi
 """How a tag matched -> the words the report uses."""
 
 CLOSEST_NAMES_SHOWN = 3
+# Longer than any file path a loras folder lists. Names are compared for likeness up to this length only, and
+# quoted in messages up to _SHOWN_NAME_CHARS: difflib is quadratic, and a pasted megabyte must not take minutes.
+_COMPARED_NAME_CHARS = 255
+_SHOWN_NAME_CHARS = 120
 _DRIVE_LETTER = re.compile(r"^[A-Za-z]:")
 
 
@@ -94,9 +99,27 @@ def unsafe_name_reason(name: str) -> str | None:
         return "it starts with a slash, which makes it an absolute path"
     if _DRIVE_LETTER.match(name):
         return f"it starts with a drive letter ({name[:2]})"
-    if ".." in _parts(name):
+    if any(is_parent_reference(part) for part in _parts(unicodedata.normalize("NFKC", name))):
         return "it contains a '..' component, which points outside the loras folder"
     return None
+
+
+def is_parent_reference(part: str) -> bool:
+    """Whether a path component could mean the parent folder: `..`, or dots and spaces only with two dots or more.
+
+    Windows drops trailing dots and spaces from names (`.. ` and `...` can act as `..`); the caller applies NFKC
+    first, so fullwidth and leader dots (`．．`, `‥`) count too. No LoRA file is named that way, so refusing costs
+    nothing.
+    """
+    dots = "".join(part.split())
+    return len(dots) >= 2 and dots.count(".") == len(dots)
+
+
+def _shown(name: str) -> str:
+    """A name quoted for a message, cut short when it is longer than any real file name."""
+    if len(name) > _SHOWN_NAME_CHARS:
+        return repr(name[:_SHOWN_NAME_CHARS]) + f"... ({len(name)} characters)"
+    return repr(name)
 
 
 def _parts(name: str) -> list[str]:
@@ -143,7 +166,7 @@ def _refuse_unsafe(name: str, what: str) -> None:
     reason = unsafe_name_reason(name)
     if reason:
         raise LoraResolutionError(
-            f"{what} {name!r} is refused: {reason}. Name a file inside the loras folder by its relative path, "
+            f"{what} {_shown(name)} is refused: {reason}. Name a file inside the loras folder by its relative path, "
             "e.g. <lora:detail/more_details.safetensors:1>."
         )
 
@@ -169,7 +192,7 @@ def resolve(
     try:
         filename, method = _lookup(tag_name, available, alias_file)
     except LoraNotFoundError as missing:
-        if tag_name.isdigit():
+        if tag_name.isdigit() and len(tag_name) <= _SHOWN_NAME_CHARS:
             raise LoraNotFoundError(
                 f"LoRA {tag_name} is an Astria tune id: download its .safetensors from Astria, put it in the loras "
                 f'folder and add an alias to {alias_file}, e.g. "{tag_name}": "astria/{tag_name}.safetensors".',
@@ -218,7 +241,7 @@ def _lookup(name: str, available: Sequence[str], alias_file: str) -> tuple[str, 
             return _pick(name, candidates, alias_file), method
     closest = closest_names(name, usable)
     raise LoraNotFoundError(
-        f"LoRA {name!r} was not found in the loras folder. {_closest_sentence(closest, usable)}", closest
+        f"LoRA {_shown(name)} was not found in the loras folder. {_closest_sentence(closest, usable)}", closest
     )
 
 
@@ -266,7 +289,7 @@ def _not_loadable_message(name: str, files: list[str]) -> str:
 
 def closest_names(name: str, available: Sequence[str], count: int = CLOSEST_NAMES_SHOWN) -> list[str]:
     """The `count` names most like `name`, comparing both the relative path and the file stem, ignoring case."""
-    key = _strip_known_extension(_normal(name)).casefold()
+    key = _strip_known_extension(_normal(name)).casefold()[:_COMPARED_NAME_CHARS]
     key_base = _basename(key)
 
     def likeness(filename: str) -> float:
@@ -442,11 +465,16 @@ def plan_loras(
     """Resolve every (name, weight) tag; the same file named twice is applied once with the weights added."""
     by_file: dict[str, PlannedLora] = {}
     errors: list[tuple[str, LoraResolutionError]] = []
+    answers: dict[str, Resolution | LoraResolutionError] = {}  # a name repeated a thousand times is resolved once
     for name, weight in tags:
-        try:
-            resolution = resolve(name, available, aliases, alias_file)
-        except LoraResolutionError as error:
-            errors.append((name, error))
+        if name not in answers:
+            try:
+                answers[name] = resolve(name, available, aliases, alias_file)
+            except LoraResolutionError as error:
+                answers[name] = error
+        resolution = answers[name]
+        if isinstance(resolution, LoraResolutionError):
+            errors.append((name, resolution))
             continue
         planned = by_file.setdefault(resolution.filename, PlannedLora(resolution.filename, 0.0))
         planned.weight += weight

@@ -9,19 +9,31 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import spec_tables as tables
+from .loras import is_parent_reference
 
 MAX_WARNINGS = 50  # a pasted megabyte of duplicates must not turn the summary into a megabyte of warnings
 _SHOWN_VALUE_CHARS = 40  # values quoted in messages are cut to this length
 
 _BOM = "\ufeff"
+# Invisible characters that web pages and chat apps slip into copied text (zero-width space, word joiner, a BOM in
+# the middle). They carry no meaning, but a key (`\u200bsteps=16`) or a flag (`--only_upscale\u200b`) holding one
+# would silently turn into prompt text, so they are removed before parsing (with a warning). Joiners (U+200C,
+# U+200D) stay: emoji sequences and Persian words need them.
+_ZERO_WIDTH = re.compile("[\u200b\u2060\ufeff]")
 _KEY_LINE = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)", re.DOTALL)
 # A flag starts at the beginning of a line or after whitespace, and its name ends at whitespace, `=` or the end.
 _FLAG_START = re.compile(r"(?:^|(?<=\s))--([A-Za-z][A-Za-z0-9_]*)(?=[\s=]|$)")
+# A known flag name after dashes that are not exactly `--` (an en or em dash, a minus sign, one hyphen): what a web
+# page or a word processor makes of `--only_upscale`. Kept as text, as Astria reads it, but warned with the fix.
+_LOOKALIKE_FLAG = re.compile(
+    r"(?:^|(?<=\s))([-\u2010-\u2015\u2212\ufe58\ufe63\uff0d]{1,3})([A-Za-z][A-Za-z0-9_]*)(?=[\s=]|$)"
+)
 _TAG_START = re.compile(r"<(lora|faceid)", re.IGNORECASE)
 # Unambiguous alternatives (no `\d+\.?\d*`), so a megabyte of digits is matched in linear time.
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
@@ -29,6 +41,7 @@ _INTEGER = re.compile(r"[+-]?\d+")
 _NUMBER_OR_PERCENT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)%?")
 _DRIVE = re.compile(r"[A-Za-z]:")
 _WHITESPACE = re.compile(r"\s+")
+_DECIMAL_COMMA = re.compile(r"[+-]?[0-9]*,[0-9]+")
 _MAX_INT_DIGITS = 30  # longer integers are out of every range; also keeps int() away from its digit limit
 
 
@@ -132,6 +145,7 @@ def parse_prompt(text: str) -> AstriaPrompt:
         text = text[1:]
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     warnings = _Warnings()
+    lines = _remove_zero_width(lines, warnings)
     first_param_line = _first_param_line(lines)
 
     prompt_parts: list[str] = []
@@ -144,6 +158,16 @@ def parse_prompt(text: str) -> AstriaPrompt:
         line, tags = _extract_tags(lines[index], line_number)
         for kind, name, weight in tags:
             (loras if kind == "lora" else faceids).append((name, weight))
+        _warn_lookalike_flags(line, line_number, warnings)
+        if not index and "=" in line:
+            _warn_param_on_the_first_line(line, warnings)
+        elif "=" in line:
+            meant = _meant_param(line)
+            if meant:
+                warnings.add(
+                    f"line {line_number}: {_show(line.strip())} is read as prompt text (a key is letters, digits "
+                    f"and _ only); write {meant} for the parameter"
+                )
         prompt_parts.append(_extract_flags(line, line_number, flags, flag_lines, warnings))
     _warn_repeated_tags(loras, "LoRA", warnings)
     _warn_repeated_tags(faceids, "faceid", warnings)
@@ -178,6 +202,21 @@ class _Warnings:
         if self.dropped:
             return (*self.items, f"... and {self.dropped} more warnings like these")
         return tuple(self.items)
+
+
+def _remove_zero_width(lines: list[str], warnings: _Warnings) -> list[str]:
+    """Drop zero-width spaces, word joiners and inner BOMs, warning once where the first one was."""
+    for index, line in enumerate(lines):
+        found = _ZERO_WIDTH.search(line)
+        if found:
+            count = sum(len(_ZERO_WIDTH.findall(rest)) for rest in lines[index:])
+            warnings.add(
+                f"line {index + 1}, column {found.start() + 1}: {count} invisible zero-width character(s) "
+                f"(U+{ord(found.group()):04X} and the like, usually copied from a web page) were removed; "
+                "delete them from the text to silence this"
+            )
+            return lines[:index] + [_ZERO_WIDTH.sub("", rest) for rest in lines[index:]]
+    return lines
 
 
 def _first_param_line(lines: list[str]) -> int:
@@ -243,9 +282,15 @@ def _extract_tags(line: str, line_number: int) -> tuple[str, list[tuple[str, str
                 f"write <{kind}:NAME:WEIGHT>, e.g. <{kind}:more_details:0.5>",
             )
         close = line.find(">", after)
-        if close < 0 or line.find("<", after, close) >= 0:
+        if close < 0:
             raise AstriaSyntaxError(
-                line_number, column, f"unterminated <{kind}: tag", "close it with > on the same line"
+                line_number, column, f"unterminated <{kind}: tag", "close it with > on the same line (a tag cannot span lines)"
+            )
+        inner = line.find("<", after, close)
+        if inner >= 0:
+            raise AstriaSyntaxError(
+                line_number, column, f"unterminated <{kind}: tag: a '<' at column {inner + 1} comes before its '>'",
+                f"close each tag with > before the next starts, e.g. <{kind}:a:1> <{kind}:b:1>",
             )
         body = line[after + 1:close]
         name, weight = _split_tag_body(body, kind, line_number, column)
@@ -277,7 +322,7 @@ def _split_tag_body(body: str, kind: str, line_number: int, column: int) -> tupl
         if not _NUMBER.fullmatch(weight_text):
             raise AstriaSyntaxError(
                 line_number, column, f"the weight {_show(weight_text)} of {_show(tag)} is not a number",
-                "give a number such as 0.5, or leave out ':WEIGHT' for 1.0",
+                _decimal_comma_fix(weight_text) or "give a number such as 0.5, or leave out ':WEIGHT' for 1.0",
             )
         weight = float(weight_text)
         if not math.isfinite(weight):
@@ -301,7 +346,7 @@ def _check_tag_name(name: str, tag: str, kind: str, line_number: int, column: in
         problem = "starts with a slash (an absolute path)"
     elif _DRIVE.match(name):
         problem = "starts with a drive letter"
-    elif ".." in re.split(r"[/\\]", name):
+    elif any(is_parent_reference(part) for part in re.split(r"[/\\]", unicodedata.normalize("NFKC", name))):
         problem = "has a '..' component"
     if problem:
         raise AstriaSyntaxError(
@@ -358,6 +403,21 @@ def _extract_flags(line: str, line_number: int, flags: dict, flag_lines: dict, w
                 value = True
         _store_flag(name, value, line_number, flags, flag_lines, warnings)
     return " ".join(text_parts)
+
+
+def _warn_lookalike_flags(line: str, line_number: int, warnings: _Warnings) -> None:
+    """Warn about `—only_upscale`, `–resemblance`, `-only_upscale`: a known flag not written with two hyphens."""
+    if "-" not in line and not any(ord(char) > 0x2000 for char in line):
+        return
+    for match in _LOOKALIKE_FLAG.finditer(line):
+        dashes, name = match.groups()
+        if dashes != "--" and name.lower() in tables.FLAG_KINDS:
+            typographic = [f"U+{ord(char):04X}" for char in dict.fromkeys(dashes) if char != "-"]
+            shown = " and ".join(typographic) or ("one hyphen" if len(dashes) == 1 else f"{len(dashes)} hyphens")
+            warnings.add(
+                f"line {line_number}, column {match.start() + 1}: {dashes}{name} is not a flag ({shown} instead of "
+                f"two hyphens), so it stays prompt text; write --{name.lower()}"
+            )
 
 
 def _store_flag(name: str, value: Any, line_number: int, flags: dict, flag_lines: dict, warnings: _Warnings) -> None:
@@ -418,7 +478,7 @@ def _typed_flag_value(name: str, token: str, line_number: int, column: int) -> A
     value_type = tables.FLAG_VALUE_TYPES.get(name, "string")
     if value_type == "float" and _NUMBER.fullmatch(token) and math.isfinite(float(token)):
         return float(token)
-    if value_type == "int" and _INTEGER.fullmatch(token) and len(token) <= _MAX_INT_DIGITS:
+    if value_type == "int" and _INTEGER.fullmatch(token) and _digit_count(token) <= _MAX_INT_DIGITS:
         return int(token)
     if value_type == "number_or_percent" and _NUMBER_OR_PERCENT.fullmatch(token):
         return token
@@ -427,7 +487,7 @@ def _typed_flag_value(name: str, token: str, line_number: int, column: int) -> A
     wanted = {"float": "a number", "int": "a whole number", "number_or_percent": "a number or a percentage"}
     raise AstriaSyntaxError(
         line_number, column, f"--{name} {_show(token)} is not {wanted[value_type]}",
-        f"write e.g. {_flag_example(name)}",
+        (value_type == "float" and _decimal_comma_fix(token, f"--{name} ")) or f"write e.g. {_flag_example(name)}",
     )
 
 
@@ -492,10 +552,7 @@ def _parse_params(lines: list[str], first: int, warnings: _Warnings) -> tuple[st
             if continuing_negative:
                 negative_parts.append(line)
             else:
-                warnings.add(
-                    f"line {line_number}: {_show(line.strip())} is not key=value and was ignored "
-                    "(prompt text belongs before the first key=value line)"
-                )
+                warnings.add(f"line {line_number}: {_show(line.strip())} {_why_not_a_param(line)}")
             continue
         written_key = match.group(1)
         key = written_key.lower() if written_key.lower() in tables.PARAM_TYPES else written_key
@@ -520,6 +577,40 @@ def _parse_params(lines: list[str], first: int, warnings: _Warnings) -> tuple[st
     negative = _tidy(" ".join(negative_parts))
     _warn_tags_in_negative(negative, key_lines.get("negative_prompt"), warnings)
     return negative, params
+
+
+def _warn_param_on_the_first_line(line: str, warnings: _Warnings) -> None:
+    """Line 1 is always prompt text (spec); say so when it looks like a typed param, e.g. a block without a prompt."""
+    match = _KEY_LINE.match(line)
+    key = match.group(1).lower() if match else ""
+    # String keys stay quiet: `style=anime, girl` is a plausible prompt; `steps=16` is not.
+    if key == "negative_prompt" or tables.PARAM_TYPES.get(key, "string") != "string":
+        warnings.add(
+            f"line 1: {_show(line.strip())} is read as prompt text (the first line always is); put the prompt on "
+            "line 1 and the parameters below it"
+        )
+
+
+def _why_not_a_param(line: str) -> str:
+    """Why a line among the params was ignored, and what to write instead."""
+    if "=" not in line:
+        return "is not key=value and was ignored (prompt text belongs before the first key=value line)"
+    if not line.partition("=")[0].strip():
+        return "has no key before '=' and was ignored; write key=value"
+    meant = _meant_param(line)
+    if meant:
+        return f"was ignored: a key has no spaces or other marks; write {meant}"
+    return "was ignored: a key is letters, digits and _ only (prompt text belongs before the first key=value line)"
+
+
+def _meant_param(line: str) -> str | None:
+    """`CFG Scale=7` -> `cfg_scale=7`: the known param a line with a misspelt key means, or None."""
+    key, _equals, value = line.partition("=")
+    known = re.sub(r"\W+", "_", key, flags=re.ASCII).strip("_").lower()
+    if known not in tables.PARAM_TYPES:
+        return None
+    value = value.strip()
+    return f"{known}={_show(value) if value else ''}"
 
 
 def _warn_tags_in_negative(negative: str, line_number: int | None, warnings: _Warnings) -> None:
@@ -547,15 +638,28 @@ def _typed_param(key: str, raw: str, line_number: int, column: int) -> Any:
             raise AstriaSyntaxError(
                 line_number, column, f"{key}={_show(raw)} is not a whole number", f"write e.g. {_param_example(key)}"
             )
-        value = int(raw) if len(raw) <= _MAX_INT_DIGITS else math.inf
+        value = int(raw) if _digit_count(raw) <= _MAX_INT_DIGITS else math.inf
     else:
         if not _NUMBER.fullmatch(raw) or not math.isfinite(float(raw)):
             raise AstriaSyntaxError(
-                line_number, column, f"{key}={_show(raw)} is not a number", f"write e.g. {_param_example(key)}"
+                line_number, column, f"{key}={_show(raw)} is not a number",
+                _decimal_comma_fix(raw, f"{key}=") or f"write e.g. {_param_example(key)}",
             )
         value = float(raw)
     _check_range(key, raw, value, line_number, column)
     return value
+
+
+def _decimal_comma_fix(text: str, prefix: str = "") -> str | None:
+    """`1,5` -> the fix `write 1.5 (a dot, not a comma)`; None when the text is not a number with a decimal comma."""
+    if len(text) <= _SHOWN_VALUE_CHARS and _DECIMAL_COMMA.fullmatch(text):
+        return f"write {prefix}{text.replace(',', '.')} (a decimal dot, not a comma)"
+    return None
+
+
+def _digit_count(integer_text: str) -> int:
+    """How many digits an integer's text has once its sign and leading zeros are set aside (`007` has 1)."""
+    return len(integer_text.lstrip("+-").lstrip("0"))
 
 
 def _check_range(key: str, raw: str, value: float, line_number: int, column: int) -> None:

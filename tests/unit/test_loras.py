@@ -183,6 +183,13 @@ UNSAFE_NAMES = [
     "x\0.safetensors",
     "",
     "   ",
+    # What Windows may read as `..` (it drops trailing dots and spaces), and `..` under NFKC (fullwidth, leader).
+    "sub/.. /x",
+    ".../x",
+    "sub\\. .\\x",
+    "\uff0e\uff0e/x",
+    "\u2025/x",
+    "sub\uff0f\uff0e\uff0e\uff0fx",
 ]
 
 
@@ -213,6 +220,7 @@ def test_unsafe_names_in_available_are_never_candidates():
 
 def test_dots_inside_a_component_are_not_traversal():
     assert resolve("v1..2/x", ["v1..2/x.safetensors"]).filename == "v1..2/x.safetensors"
+    assert resolve("x..", ["x...safetensors"]).filename == "x...safetensors"
     with pytest.raises(LoraNotFoundError):
         resolve("./x", ["x.safetensors"])
 
@@ -390,3 +398,33 @@ def test_plan_collects_errors_and_reports_them():
 def test_plan_weights_that_cancel_stay_in_the_plan():
     plan = plan_loras([("more_details", 0.5), ("more_details", -0.5)], AVAILABLE)
     assert plan.loras[0].weight == 0.0
+
+
+@pytest.mark.parametrize("name", ["%2e%2e/x", "~/x", "a/./x", "x. ", "x\u200b", "C", "CON", "http://host/x"])
+def test_odd_names_are_literal_and_only_ever_match_listed_files(name):
+    # Never decoded, expanded or normalised into a path: such a name matches only a file listed under that name.
+    with pytest.raises(LoraNotFoundError):
+        resolve(name, AVAILABLE + ["x.safetensors", "host/x.safetensors"])
+    assert resolve(name, AVAILABLE + [name + ".safetensors"]).filename == name + ".safetensors"
+
+
+def test_a_very_long_name_fails_quickly_with_a_short_message():
+    name = "lora_1_v" * 2500  # 20,000 characters: likeness used to be computed on all of it (minutes)
+    with pytest.raises(LoraNotFoundError) as caught:
+        resolve(name, [f"dir{i % 10}/lora_{i}_v{i % 7}.safetensors" for i in range(300)])
+    assert len(str(caught.value)) < 600
+    assert "(20000 characters)" in str(caught.value)
+    with pytest.raises(LoraResolutionError, match=r"\(20003 characters\) is refused"):
+        resolve("../" + "a" * 20000, AVAILABLE)
+
+
+def test_plan_resolves_a_repeated_name_once(monkeypatch):
+    from comfyui_astria.nodes.core import loras
+
+    calls = []
+    real_resolve = loras.resolve
+    monkeypatch.setattr(loras, "resolve", lambda name, *args: calls.append(name) or real_resolve(name, *args))
+    plan = plan_loras([("foobar", 0.25)] * 40 + [("missing", 1.0)] * 40, AVAILABLE)
+    assert calls == ["foobar", "missing"]
+    assert [(lora.filename, lora.weight) for lora in plan.loras] == [("foobar.safetensors", 10.0)]
+    assert [name for name, _error in plan.errors] == ["missing"] * 40

@@ -116,6 +116,13 @@ def test_tcd_and_unknown_schedulers_are_errors_listing_the_known(name, why):
     assert all(known in message for known in spec_tables.SCHEDULER_MAP)
 
 
+def test_scheduler_names_are_matched_in_any_case_and_a_huge_unknown_one_is_cut_in_the_message():
+    assert settings_of("x\nscheduler=EULER_A").sampler_name == "euler_ancestral"
+    with pytest.raises(AstriaSettingsError) as caught:
+        settings_of("x\nscheduler=" + "z" * 100_000)
+    assert len(str(caught.value)) < 400 and "(100000 characters) is unknown" in str(caught.value)
+
+
 def test_seed_from_prompt_and_seeds_wrap_modulo_2_32():
     result = settings_of("x\nseed=4294967294\nnum_images=4")
     assert result.seed == 4294967294

@@ -108,10 +108,55 @@ def test_first_line_is_always_prompt_even_with_equals():
     assert prompt.params == {"seed": 5}
 
 
+def test_a_typed_param_on_the_first_line_is_prompt_text_with_a_warning():
+    prompt = parse_prompt("steps=16\nseed=1")
+    assert prompt.positive == "steps=16" and prompt.params == {"seed": 1}
+    assert prompt.warnings == (
+        "line 1: steps=16 is read as prompt text (the first line always is); put the prompt on line 1 and the "
+        "parameters below it",
+    )
+    assert parse_prompt("style=anime, girl\nseed=5").warnings == ()
+
+
+def test_a_known_key_written_with_spaces_says_how_to_write_it():
+    prompt = parse_prompt("cat\nCFG Scale=7\nsteps=16\nDenoising strength = 0.2\nmy key=1\n=v")
+    assert prompt.positive == "cat CFG Scale=7" and prompt.params == {"steps": 16}
+    assert prompt.warnings == (
+        "line 2: CFG Scale=7 is read as prompt text (a key is letters, digits and _ only); write cfg_scale=7 for "
+        "the parameter",
+        "line 4: Denoising strength = 0.2 was ignored: a key has no spaces or other marks; write "
+        "denoising_strength=0.2",
+        "line 5: my key=1 was ignored: a key is letters, digits and _ only (prompt text belongs before the first "
+        "key=value line)",
+        "line 6: =v has no key before '=' and was ignored; write key=value",
+    )
+    assert parse_prompt("portrait\na cat = a dog\nsteps=4").warnings == ()
+
+
 def test_line_with_non_identifier_key_stays_prompt_text():
     prompt = parse_prompt("portrait\na cat = a dog\n(x:1.2)=y\nsteps=4")
     assert prompt.positive == "portrait a cat = a dog (x:1.2)=y"
     assert prompt.params == {"steps": 4}
+
+
+@pytest.mark.parametrize("invisible", ["\u200b", "\u2060", "\ufeff"])
+def test_zero_width_characters_are_removed_with_a_warning(invisible):
+    text = f"cat, <lora:a{invisible}:1> --only_upscale{invisible}\n{invisible}steps=16\nseed{invisible}=3"
+    prompt = parse_prompt(text)
+    assert prompt.positive == "cat," and prompt.loras == (("a", 1.0),)
+    assert prompt.flags == {"only_upscale": True} and prompt.params == {"steps": 16, "seed": 3}
+    assert prompt.warnings == (
+        f"line 1, column 13: 4 invisible zero-width character(s) (U+{ord(invisible):04X} and the like, usually "
+        "copied from a web page) were removed; delete them from the text to silence this",
+    )
+    assert parse_prompt(format_prompt(prompt)) == prompt
+
+
+def test_zero_width_joiners_stay_and_a_lone_inner_bom_round_trips():
+    family = "\U0001f468\u200d\U0001f469\u200d\U0001f467"
+    assert parse_prompt(f"a {family} photo").positive == f"a {family} photo"
+    prompt = parse_prompt("\u3000\ufeff")
+    assert prompt == AstriaPrompt() and parse_prompt(format_prompt(prompt)) == prompt
 
 
 def test_whitespace_is_tidied():
@@ -200,6 +245,20 @@ def test_bad_tags_are_errors_naming_the_tag(text, column, words):
     assert (error.line, error.column) == (1, column)
 
 
+@pytest.mark.parametrize(
+    ("text", "fix"),
+    [
+        ("<lora:a:0,5>", "write 0.5 (a decimal dot, not a comma)"),
+        ("x\ncfg_scale=6,5", "write cfg_scale=6.5 (a decimal dot, not a comma)"),
+        ("x --resemblance 0,65", "write --resemblance 0.65 (a decimal dot, not a comma)"),
+        ("x --resemblance 1,2,3", "write e.g. --resemblance 0.65"),
+    ],
+)
+def test_a_decimal_comma_is_an_error_whose_fix_is_the_dotted_number(text, fix):
+    error = error_of(text)
+    assert error.fix == fix and "is not a number" in error.problem
+
+
 def test_tag_error_reports_its_line():
     error = error_of("first line\nsecond <lora:x:zz>\nsteps=1")
     assert error.line == 2 and error.column == 8
@@ -220,6 +279,23 @@ def test_flags_in_negative_prompt_are_plain_text():
 
 def test_broken_tag_in_negative_prompt_is_not_an_error():
     assert parse_prompt("cat\nnegative_prompt=<lora").negative_prompt == "<lora"
+
+
+@pytest.mark.parametrize("name", ["sub/.. /evil", ".../evil", "\uff0e\uff0e/evil", "\u2025/evil", "sub\\ ..\\evil"])
+def test_names_windows_or_nfkc_read_as_parent_are_refused(name):
+    error = error_of(f"<lora:{name}:1>")
+    assert "'..' component" in str(error) and (error.line, error.column) == (1, 1)
+
+
+def test_a_tag_inside_a_tag_names_where_the_inner_one_starts():
+    error = error_of("x <lora:a<lora:b:1>:1>")
+    assert (error.line, error.column) == (1, 3)
+    assert "column 10" in error.problem and "<lora:a:1> <lora:b:1>" in error.fix
+
+
+def test_a_tag_left_open_at_the_end_of_a_line_does_not_reach_into_the_next():
+    error = error_of("x <lora:a:1\n>\nsteps=1")
+    assert (error.line, error.column) == (1, 3) and "cannot span lines" in error.fix
 
 
 def test_repeated_lora_is_kept_twice_with_a_warning():
@@ -299,6 +375,34 @@ def test_dashes_that_are_not_flags_are_text(text):
     prompt = parse_prompt(text)
     assert prompt.flags == {}
     assert prompt.positive == text
+
+
+@pytest.mark.parametrize(
+    ("text", "column", "shown"),
+    [
+        ("cat \u2014only_upscale", 5, "U+2014"),
+        ("cat \u2013only_upscale", 5, "U+2013"),
+        ("cat \u2013\u2013Only_Upscale", 5, "U+2013"),
+        ("cat \u2212\u2212only_upscale", 5, "U+2212"),
+        ("\u2014only_upscale cat", 1, "U+2014"),
+        ("cat -only_upscale", 5, "one hyphen"),
+        ("cat ---only_upscale", 5, "3 hyphens"),
+    ],
+)
+def test_typographic_or_miscounted_dashes_before_a_flag_name_warn_with_the_fix(text, column, shown):
+    prompt = parse_prompt(text)
+    assert prompt.flags == {} and "only_upscale" in prompt.positive.lower()
+    assert len(prompt.warnings) == 1
+    warning = prompt.warnings[0]
+    assert warning.startswith(f"line 1, column {column}: ") and shown in warning
+    assert warning.endswith("write --only_upscale")
+
+
+def test_typographic_dash_before_a_value_flag_warns_and_words_are_not_flags():
+    prompt = parse_prompt("cat \u2014resemblance 0.65\nsteps=1")
+    assert prompt.flags == {} and prompt.positive == "cat \u2014resemblance 0.65"
+    assert prompt.warnings[0].endswith("write --resemblance")
+    assert parse_prompt("a cat\u2014only_upscale, a \u2014great day -x").warnings == ()
 
 
 def test_unknown_flag_takes_words_with_a_warning():
@@ -457,6 +561,12 @@ def test_bad_params_are_errors_at_their_value(line, words):
     assert words in str(error)
     assert error.line == 3 and error.column == line.index("=") + 2
     assert str(error).startswith(f"line 3, column {error.column}: ")
+
+
+def test_leading_zeros_do_not_make_a_number_too_long():
+    prompt = parse_prompt("x --duration " + "0" * 40 + "5\nseed=" + "0" * 40 + "7\nsteps=+0016")
+    assert prompt.flags == {"duration": 5} and prompt.params == {"seed": 7, "steps": 16}
+    assert "out of range" in str(error_of("x\nseed=" + "0" * 40 + "4294967296"))
 
 
 def test_seed_bounds_are_accepted():

@@ -67,10 +67,10 @@ def apply_prompt_loras(model, clip, prompt, scale_model=1.0, scale_clip=1.0, on_
     report = []
     for tag_name, error in plan.errors:
         if on_missing != "error" and isinstance(error, lora_core.LoraNotFoundError):
-            log.warning("Astria LoRA %s skipped: %s", tag_name, error)
-            report.append(f"SKIPPED {tag_name}: {error}")
+            log.warning("Astria LoRA %s skipped: %s", lora_core.shorten(tag_name), error)
+            report.append(f"SKIPPED {lora_core.shorten(tag_name)}: {error}")
         else:
-            raise ValueError(f"<lora:{tag_name}>: {error}")
+            raise ValueError(f"<lora:{lora_core.shorten(tag_name)}>: {error}")
     report += [f"warning: {warning}" for warning in plan.warnings]
     for planned in plan.loras:
         path = folder_paths.get_full_path_or_raise("loras", planned.filename)

@@ -115,6 +115,12 @@ def is_parent_reference(part: str) -> bool:
     return len(dots) >= 2 and dots.count(".") == len(dots)
 
 
+def shorten(text: str, limit: int = _SHOWN_NAME_CHARS) -> str:
+    """Text for a message, cut after `limit` characters with its length said: a pasted megabyte must not become a
+    megabyte of error."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 def _shown(name: str) -> str:
     """A name quoted for a message, cut short when it is longer than any real file name."""
     if len(name) > _SHOWN_NAME_CHARS:

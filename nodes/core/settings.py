@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import spec_tables as tables
+from .loras import shorten
 from .syntax import AstriaPrompt, FrozenMap, format_prompt
 
 WEIGHTING_MODES = ("a1111", "comfy", "none")
@@ -259,7 +260,7 @@ def _sampler(prompt: AstriaPrompt, defaults: SamplerDefaults, notes: _Notes) -> 
         known = ", ".join(tables.SCHEDULER_MAP)
         why = "has no local equivalent in ComfyUI" if name.lower() in tables.REMOTE_ONLY_SCHEDULERS else "is unknown"
         raise AstriaSettingsError(
-            f"scheduler={_cut(name)} {why}; use one of: {known} (or run this prompt with the remote node)"
+            f"scheduler={shorten(name, 40)} {why}; use one of: {known} (or run this prompt with the remote node)"
         )
     notes.applied(f"scheduler={name}", f"sampler {pair[0]}, scheduler {pair[1]}")
     return pair
@@ -406,9 +407,6 @@ def _flags(prompt: AstriaPrompt, notes: _Notes) -> None:
         notes.notices.append("the prompt has no --only_upscale; this node runs it as an only-upscale anyway")
 
 
-def _cut(text: str, limit: int = 40) -> str:
-    """A value shortened for a message: a pasted megabyte must not become a megabyte of error."""
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _round_px(value: float) -> int:

@@ -80,6 +80,13 @@ def test_missing_lora_error_and_skip(comfy_host, sd15):
     assert "SKIPPED" in report and not new_model.patches
 
 
+def test_a_pasted_megabyte_name_gives_a_short_error(comfy_host, sd15):
+    name = "x" * 1_000_000
+    with pytest.raises(ValueError, match=r"\(1000000 characters\)") as raised:
+        load(comfy_host, sd15, f"<lora:{name}:1>")
+    assert len(str(raised.value)) < 2000
+
+
 class _Tripwire:
     """Unpickling this creates a marker file: proof that a pickle was loaded."""
 

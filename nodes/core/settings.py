@@ -407,8 +407,6 @@ def _flags(prompt: AstriaPrompt, notes: _Notes) -> None:
         notes.notices.append("the prompt has no --only_upscale; this node runs it as an only-upscale anyway")
 
 
-
-
 def _round_px(value: float) -> int:
     """The nearest whole pixel, at least 1."""
     return max(1, round(value))

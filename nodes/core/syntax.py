@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import math
 import re
-import unicodedata
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import spec_tables as tables
-from .loras import is_parent_reference
+from .loras import unsafe_name_reason
 
 MAX_WARNINGS = 50  # a pasted megabyte of duplicates must not turn the summary into a megabyte of warnings
 _SHOWN_VALUE_CHARS = 40  # values quoted in messages are cut to this length
@@ -39,7 +38,6 @@ _TAG_START = re.compile(r"<(lora|faceid)", re.IGNORECASE)
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _INTEGER = re.compile(r"[+-]?\d+")
 _NUMBER_OR_PERCENT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)%?")
-_DRIVE = re.compile(r"[A-Za-z]:")
 _WHITESPACE = re.compile(r"\s+")
 _DECIMAL_COMMA = re.compile(r"[+-]?[0-9]*,[0-9]+")
 _MAX_INT_DIGITS = 30  # longer integers are out of every range; also keeps int() away from its digit limit
@@ -339,18 +337,10 @@ def _check_tag_name(name: str, tag: str, kind: str, line_number: int, column: in
     """Refuse empty names and names that could leave the loras folder (`..`, absolute paths, drives, NUL)."""
     if not name:
         raise AstriaSyntaxError(line_number, column, f"{_show(tag)} has no name", f"write <{kind}:NAME:WEIGHT>")
-    problem = None
-    if "\x00" in name:
-        problem = "holds a NUL character"
-    elif name[0] in "/\\":
-        problem = "starts with a slash (an absolute path)"
-    elif _DRIVE.match(name):
-        problem = "starts with a drive letter"
-    elif any(is_parent_reference(part) for part in re.split(r"[/\\]", unicodedata.normalize("NFKC", name))):
-        problem = "has a '..' component"
-    if problem:
+    reason = unsafe_name_reason(name)  # the loader's own rule, so parser and loader refuse the same names
+    if reason:
         raise AstriaSyntaxError(
-            line_number, column, f"the name in {_show(tag)} {problem}",
+            line_number, column, f"the name in {_show(tag)} is refused: {reason}",
             "name the file relative to the loras folder, e.g. detail/more_details.safetensors",
         )
 

@@ -4,7 +4,7 @@ from .encode import ENCODE_NODES
 from .lora import LORA_NODES
 from .prompt import PROMPT_NODES
 from .remote import REMOTE_NODES
-from .tiling import TILING_NODES
+from .tiling_nodes import TILING_NODES
 from .upscale import UPSCALE_NODES
 
 

@@ -8,6 +8,7 @@ import comfy.utils
 import folder_paths
 
 from ..core import loras as lora_core
+from ..core.names import shorten
 from ._api import io
 from .types import AstriaPromptType
 
@@ -67,10 +68,10 @@ def apply_prompt_loras(model, clip, prompt, scale_model=1.0, scale_clip=1.0, on_
     report = []
     for tag_name, error in plan.errors:
         if on_missing != "error" and isinstance(error, lora_core.LoraNotFoundError):
-            log.warning("Astria LoRA %s skipped: %s", lora_core.shorten(tag_name), error)
-            report.append(f"SKIPPED {lora_core.shorten(tag_name)}: {error}")
+            log.warning("Astria LoRA %s skipped: %s", shorten(tag_name), error)
+            report.append(f"SKIPPED {shorten(tag_name)}: {error}")
         else:
-            raise ValueError(f"<lora:{lora_core.shorten(tag_name)}>: {error}")
+            raise ValueError(f"<lora:{shorten(tag_name)}>: {error}")
     report += [f"warning: {warning}" for warning in plan.warnings]
     for planned in plan.loras:
         path = folder_paths.get_full_path_or_raise("loras", planned.filename)
@@ -120,27 +121,6 @@ class AstriaLoraLoader(io.ComfyNode):
         model, clip, report = apply_prompt_loras(model, clip, astria_prompt, strength_model_scale,
                                                  strength_clip_scale, on_missing)
         return io.NodeOutput(model, clip, "\n".join(report))
-
-
-def loras_listing() -> dict:
-    """What GET /astria/loras answers: relative names and aliases, never absolute paths or file contents."""
-    try:
-        aliases = dict(load_aliases(create=False))
-        alias_error = None
-    except (ValueError, OSError) as error:
-        aliases, alias_error = {}, str(error)
-    return {"loras": folder_paths.get_filename_list("loras"), "aliases": aliases, "alias_error": alias_error}
-
-
-def resolve_for_route(name: str) -> dict:
-    """What GET /astria/resolve answers for one tag name: the file and how it matched, or the error text."""
-    try:
-        resolution = lora_core.resolve(name, folder_paths.get_filename_list("loras"), load_aliases(create=False))
-    except ValueError as error:
-        return {"name": name, "ok": False, "error": str(error),
-                "candidates": list(getattr(error, "candidates", ()))}
-    return {"name": name, "ok": True, "file": resolution.filename, "method": resolution.method,
-            "description": resolution.describe()}
 
 
 LORA_NODES = [AstriaLoraLoader]

@@ -1,8 +1,9 @@
 """Astria Remote Upscale: send each image of a batch with a pasted Astria prompt to Astria's API, get the results back.
 
-Thin glue around nodes/core/astria_api.py, which owns HTTP, retries, exactly-once creates and the job journal. This
-file only says what to send (the prompt's text and params, one PNG per image, one seed per image), where the key
-and the journal live, and how progress, Cancel and failures look inside ComfyUI.
+Thin glue around nodes/core/astria_jobs.py (exactly-once creates, on astria_transport.py's HTTP and retries, with
+the job journal of astria_journal.py). This file only says what to send (the prompt's text and params, one PNG per
+image, one seed per image), where the key and the journal live, and how progress, Cancel and failures look inside
+ComfyUI.
 """
 import asyncio
 import logging
@@ -16,8 +17,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..core import astria_api
-from ..core.astria_api import AstriaCancelled, AstriaClient
+from ..core import astria_transport
+from ..core.astria_errors import AstriaCancelled
+from ..core.astria_jobs import AstriaClient
 from ..core.astria_journal import JobJournal
 from ._api import io
 from .types import AstriaPromptType
@@ -44,7 +46,7 @@ def astria_folder() -> Path:
 def load_key() -> tuple[str, Path]:
     """The API key (ASTRIA_API_KEY, else the key file) and the key file's path; a clear error when there is none."""
     key_file = astria_folder() / KEY_FILE_NAME
-    key = astria_api.load_api_key(key_file)
+    key = astria_transport.load_api_key(key_file)
     if not key:
         raise ValueError(f"No Astria API key. Set the environment variable ASTRIA_API_KEY before starting ComfyUI, "
                          f"or save the key alone in {key_file} (then: chmod 600 {key_file}). The key is never a "
@@ -241,12 +243,12 @@ class AstriaRemoteUpscale(io.ComfyNode):
         for notice in notices:
             log.warning("Astria Remote Upscale: %s", notice)
         key, key_file = load_key()
-        waits = astria_api.WaitSettings.from_env()
+        waits = astria_transport.WaitSettings.from_env()
         seeds = batch_seeds(astria_prompt, seed, count)
         pngs = [None] if image is None else [image_to_png(image[index]) for index in range(count)]
         status = StatusReport(count, cls.hidden.unique_id if cls.hidden is not None else None)
         journal = JobJournal(astria_folder() / JOURNAL_FILE_NAME)
-        async with AstriaClient(astria_api.api_base_url(), key, journal=journal, key_file_hint=str(key_file),
+        async with AstriaClient(astria_transport.api_base_url(), key, journal=journal, key_file_hint=str(key_file),
                                 retry=waits.retry) as client:
             outcomes = await send_batch(client, int(tune_id), fields, pngs, seeds, concurrency, status,
                                         waits.poll_interval_s)

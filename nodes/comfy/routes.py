@@ -7,8 +7,10 @@ import asyncio
 import logging
 import math
 
+import folder_paths
 from aiohttp import web
 
+from ..core import loras as lora_core
 from ..core import settings, spec_tables, syntax
 from . import lora
 
@@ -89,7 +91,7 @@ def parse_report(text: str) -> dict:
         prompt = syntax.parse_prompt(text)
     except syntax.AstriaSyntaxError as error:
         return syntax_error_report(error)
-    loras = [{**lora.resolve_for_route(name), "weight": weight} for name, weight in prompt.loras]
+    loras = [{**resolve_for_route(name), "weight": weight} for name, weight in prompt.loras]
     report = {
         "ok": True,
         "positive": prompt.positive,
@@ -102,6 +104,27 @@ def parse_report(text: str) -> dict:
         **settings_report(prompt),
     }
     return json_safe(report)
+
+
+def loras_listing() -> dict:
+    """What GET /astria/loras answers: relative names and aliases, never absolute paths or file contents."""
+    try:
+        aliases = dict(lora.load_aliases(create=False))
+        alias_error = None
+    except (ValueError, OSError) as error:
+        aliases, alias_error = {}, str(error)
+    return {"loras": folder_paths.get_filename_list("loras"), "aliases": aliases, "alias_error": alias_error}
+
+
+def resolve_for_route(name: str) -> dict:
+    """What GET /astria/resolve answers for one tag name: the file and how it matched, or the error text."""
+    try:
+        resolution = lora_core.resolve(name, folder_paths.get_filename_list("loras"), lora.load_aliases(create=False))
+    except ValueError as error:
+        return {"name": name, "ok": False, "error": str(error),
+                "candidates": list(getattr(error, "candidates", ()))}
+    return {"name": name, "ok": True, "file": resolution.filename, "method": resolution.method,
+            "description": resolution.describe()}
 
 
 def bad_request(message: str, status: int = 400) -> web.Response:
@@ -127,7 +150,7 @@ async def parse_route(request: web.Request) -> web.Response:
 
 async def loras_route(request: web.Request) -> web.Response:
     """GET /astria/loras: the loras folder's relative names and the user's aliases."""
-    return web.json_response(await asyncio.to_thread(lora.loras_listing))
+    return web.json_response(await asyncio.to_thread(loras_listing))
 
 
 async def resolve_route(request: web.Request) -> web.Response:
@@ -137,7 +160,7 @@ async def resolve_route(request: web.Request) -> web.Response:
         return bad_request("add the LoRA name to resolve: /astria/resolve?name=more_details")
     if len(name) > MAX_NAME_CHARS:
         return bad_request(f"the LoRA name is {len(name)} characters; at most {MAX_NAME_CHARS} are resolved")
-    return web.json_response(await asyncio.to_thread(lora.resolve_for_route, name))
+    return web.json_response(await asyncio.to_thread(resolve_for_route, name))
 
 
 async def spec_route(request: web.Request) -> web.Response:

@@ -10,7 +10,7 @@ import latent_preview
 import torch
 
 from ..core import img2img, settings
-from . import vae_tiling
+from . import host_diffusion, host_vae
 from ._api import io
 from .encode import encode_prompt
 from .lora import apply_prompt_loras
@@ -67,17 +67,17 @@ def only_upscale(job):
     batch, in_height, in_width = job.image.shape[0], job.image.shape[1], job.image.shape[2]
     img2img.check_input_size(in_width, in_height)
     width, height = img2img.target_size(in_width, in_height, job.scale, job.width, job.height)
-    vae_tiling.check_fits_in_memory(width, height, batch, job.tile_size)
+    host_vae.check_fits_in_memory(width, height, batch, job.tile_size)
     upscaled = upscale_pixels(job.image, width, height, job.upscale_model)
     comfy.model_management.throw_exception_if_processing_interrupted()
     sigmas = schedule_sigmas(job.model, job.steps, job.denoise, job.sampler_name, job.scheduler, job.step_semantics)
     if sigmas.numel() < 2:
         return upscaled  # denoise 0: the upscaled image, no sampling
     padded, original = img2img.pad_to_multiple(upscaled, LATENT_GRID_PX)
-    latent = vae_tiling.encode(job.vae, padded, min(job.tile_size, VAE_TILE_PX))
+    latent = host_vae.encode(job.vae, padded, min(job.tile_size, VAE_TILE_PX))
     positive, negative = apply_control_net(job.positive, job.negative, job.control_net, padded,
                                            job.control_strength, job.vae)
-    model = vae_tiling.with_tiled_diffusion(job.model, job.tile_size)
+    model = host_diffusion.with_tiled_diffusion(job.model, job.tile_size)
     latent = comfy.sample.fix_empty_latent_channels(model, latent)
     noise = comfy.sample.prepare_noise(latent, job.seed)
     steps_to_run = sigmas.numel() - 1
@@ -85,7 +85,7 @@ def only_upscale(job):
     samples = comfy.sample.sample(model, noise, steps_to_run, job.cfg, job.sampler_name, job.scheduler, positive,
                                   negative, latent, sigmas=sigmas, callback=callback, seed=job.seed,
                                   disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
-    decoded = vae_tiling.decode(job.vae, samples, min(job.tile_size, VAE_TILE_PX))
+    decoded = host_vae.decode(job.vae, samples, min(job.tile_size, VAE_TILE_PX))
     decoded = img2img.crop_to(decoded, original).clamp(0, 1)
     return img2img.color_fix(decoded, upscaled, job.color_fix)
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import difflib
 import json
 import re
-import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+
+from .names import SHOWN_NAME_CHARS, unsafe_name_reason
 
 ALIAS_FILE_SUBPATH = "astria/lora_aliases.json"
 """Where the alias file lives, relative to the default user's data folder (`<user dir>/default/`)."""
@@ -29,10 +30,8 @@ METHOD_LABELS = {"alias": "alias", "exact": "exact match", "case": "case-insensi
 
 CLOSEST_NAMES_SHOWN = 3
 # Longer than any file path a loras folder lists. Names are compared for likeness up to this length only, and
-# quoted in messages up to _SHOWN_NAME_CHARS: difflib is quadratic, and a pasted megabyte must not take minutes.
+# quoted in messages up to SHOWN_NAME_CHARS: difflib is quadratic, and a pasted megabyte must not take minutes.
 _COMPARED_NAME_CHARS = 255
-_SHOWN_NAME_CHARS = 120
-_DRIVE_LETTER = re.compile(r"^[A-Za-z]:")
 
 
 class LoraResolutionError(ValueError):
@@ -89,47 +88,11 @@ class AliasTable(dict):
 # ---------------------------------------------------------------- names
 
 
-def unsafe_name_reason(name: str) -> str | None:
-    """Why a name could leave the loras folder (or is empty), or None when it is a plain relative name."""
-    if not name or not name.strip():
-        return "it is empty"
-    if "\0" in name:
-        return "it contains a NUL character"
-    if name[0] in "/\\":
-        return "it starts with a slash, which makes it an absolute path"
-    if _DRIVE_LETTER.match(name):
-        return f"it starts with a drive letter ({name[:2]})"
-    if any(is_parent_reference(part) for part in _parts(unicodedata.normalize("NFKC", name))):
-        return "it contains a '..' component, which points outside the loras folder"
-    return None
-
-
-def is_parent_reference(part: str) -> bool:
-    """Whether a path component could mean the parent folder: `..`, or dots and spaces only with two dots or more.
-
-    Windows drops trailing dots and spaces from names (`.. ` and `...` can act as `..`); the caller applies NFKC
-    first, so fullwidth and leader dots (`．．`, `‥`) count too. No LoRA file is named that way, so refusing costs
-    nothing.
-    """
-    dots = "".join(part.split())
-    return len(dots) >= 2 and dots.count(".") == len(dots)
-
-
-def shorten(text: str, limit: int = _SHOWN_NAME_CHARS) -> str:
-    """Text for a message, cut after `limit` characters with its length said: a pasted megabyte must not become a
-    megabyte of error."""
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
-
-
 def _shown(name: str) -> str:
     """A name quoted for a message, cut short when it is longer than any real file name."""
-    if len(name) > _SHOWN_NAME_CHARS:
-        return repr(name[:_SHOWN_NAME_CHARS]) + f"... ({len(name)} characters)"
+    if len(name) > SHOWN_NAME_CHARS:
+        return repr(name[:SHOWN_NAME_CHARS]) + f"... ({len(name)} characters)"
     return repr(name)
-
-
-def _parts(name: str) -> list[str]:
-    return name.replace("\\", "/").split("/")
 
 
 def _normal(name: str) -> str:
@@ -198,7 +161,7 @@ def resolve(
     try:
         filename, method = _lookup(tag_name, available, alias_file)
     except LoraNotFoundError as missing:
-        if tag_name.isdigit() and len(tag_name) <= _SHOWN_NAME_CHARS:
+        if tag_name.isdigit() and len(tag_name) <= SHOWN_NAME_CHARS:
             raise LoraNotFoundError(
                 f"LoRA {tag_name} is an Astria tune id: download its .safetensors from Astria, put it in the loras "
                 f'folder and add an alias to {alias_file}, e.g. "{tag_name}": "astria/{tag_name}.safetensors".',

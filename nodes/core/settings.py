@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import spec_tables as tables
-from .loras import shorten
+from .names import shorten
 from .syntax import AstriaPrompt, FrozenMap, format_prompt
 
 WEIGHTING_MODES = ("a1111", "comfy", "none")

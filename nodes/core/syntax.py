@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import spec_tables as tables
-from .loras import unsafe_name_reason
+from .names import unsafe_name_reason
 
 MAX_WARNINGS = 50  # a pasted megabyte of duplicates must not turn the summary into a megabyte of warnings
 _SHOWN_VALUE_CHARS = 40  # values quoted in messages are cut to this length

@@ -31,11 +31,11 @@ def _latent():
 
 def test_tiled_decode_on_the_gpu_is_as_close_to_float32_as_the_untiled_one(comfy_host, sd15):
     _, _, vae = sd15
-    vae_tiling = comfy_host.pack_module.nodes.comfy.vae_tiling
+    host_vae = comfy_host.pack_module.nodes.comfy.host_vae
     latent = _latent()
     with torch.inference_mode():
         untiled = vae.decode(latent).float()
-        tiled = vae_tiling.decode(vae, latent, 256).float()
+        tiled = host_vae.decode(vae, latent, 256).float()
         exact = copy.deepcopy(vae.first_stage_model).float()
         reference = exact.decode(latent.to(vae.device, torch.float32)).float()
         reference = vae.process_output(reference).movedim(1, -1).to(untiled.device)
@@ -61,19 +61,19 @@ def test_activations_kept_in_ram_give_the_same_decode(comfy_host, sd15):
 
 def test_a_real_gpu_out_of_memory_is_retried_with_half_the_tile(comfy_host, sd15, caplog):
     _, _, vae = sd15
-    vae_tiling = comfy_host.pack_module.nodes.comfy.vae_tiling
+    host_vae = comfy_host.pack_module.nodes.comfy.host_vae
     latent = _latent()
     with torch.inference_mode():
         # calibrated on the live bytes the allocator must find (reserved memory includes reusable cache)
-        half, half_peak = _peak_reserved(lambda: vae_tiling.decode(vae, latent, 512), allocated=True)
-        _, whole_peak = _peak_reserved(lambda: vae_tiling.decode(vae, latent, 1024), allocated=True)
+        half, half_peak = _peak_reserved(lambda: host_vae.decode(vae, latent, 512), allocated=True)
+        _, whole_peak = _peak_reserved(lambda: host_vae.decode(vae, latent, 1024), allocated=True)
     assert whole_peak > half_peak * 1.2, (half_peak, whole_peak)  # the limit below must sit between them
     limit = (half_peak + whole_peak) / 2
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(limit / torch.cuda.get_device_properties(0).total_memory)
     try:
         with caplog.at_level(logging.WARNING), torch.inference_mode():
-            retried = vae_tiling.decode(vae, latent, 1024)
+            retried = host_vae.decode(vae, latent, 1024)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
@@ -83,12 +83,12 @@ def test_a_real_gpu_out_of_memory_is_retried_with_half_the_tile(comfy_host, sd15
 
 def test_a_real_gpu_out_of_memory_in_tiled_diffusion_is_retried(comfy_host, sd15, caplog):
     model, clip, _ = sd15
-    vae_tiling = comfy_host.pack_module.nodes.comfy.vae_tiling
+    host_diffusion = comfy_host.pack_module.nodes.comfy.host_diffusion
     positive = comfy_host.nodes.CLIPTextEncode().encode(clip, "a photo")[0]
     latent = {"samples": torch.zeros(1, 4, 512, 512)}  # 4096 px: 2048 px tiles, 4 per batch, then 1024 px, 1
 
     def sample(tile, batch):
-        tiled = vae_tiling.with_tiled_diffusion(model, tile, 64, batch)
+        tiled = host_diffusion.with_tiled_diffusion(model, tile, 64, batch)
         return comfy_host.nodes.KSampler().sample(tiled, 1, 1, 5.0, "euler", "normal", positive, positive,
                                                   latent)[0]["samples"]
 

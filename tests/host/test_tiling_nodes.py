@@ -53,7 +53,7 @@ def test_out_of_memory_retries_once_with_smaller_tiles(comfy_host, sd15_pixel, m
     import comfy.model_management as mm
     import comfy.samplers
 
-    pack_vae_tiling = comfy_host.pack_module.nodes.comfy.vae_tiling
+    host_diffusion = comfy_host.pack_module.nodes.comfy.host_diffusion
     real_calc = comfy.samplers.calc_cond_batch
     seen = []
 
@@ -65,7 +65,7 @@ def test_out_of_memory_retries_once_with_smaller_tiles(comfy_host, sd15_pixel, m
 
     monkeypatch.setattr(comfy.samplers, "calc_cond_batch", flaky_calc)
     model, clip, _ = sd15_pixel
-    tiled = pack_vae_tiling.with_tiled_diffusion(model, 512, 64, 4)
+    tiled = host_diffusion.with_tiled_diffusion(model, 512, 64, 4)
     positive = comfy_host.nodes.CLIPTextEncode().encode(clip, "a photo")[0]
     latent = {"samples": torch.zeros(1, 4, 80, 80)}  # 640 px: 2 x 2 tiles of 512, then 3 x 3 of 256
     with torch.inference_mode():
@@ -80,8 +80,8 @@ def test_vae_out_of_memory_retries_with_half_tiles_then_uses_the_hosts_tiled_vae
                                                                                   caplog, failures):
     import comfy.model_management as mm
 
-    vae_tiling = comfy_host.pack_module.nodes.comfy.vae_tiling
-    real_decode = vae_tiling.tiled_vae.tiled_decode
+    host_vae = comfy_host.pack_module.nodes.comfy.host_vae
+    real_decode = host_vae.tiled_vae.tiled_decode
     tiles = []
 
     def flaky_decode(model, latent, tile_size=None, **options):
@@ -90,11 +90,11 @@ def test_vae_out_of_memory_retries_with_half_tiles_then_uses_the_hosts_tiled_vae
             raise mm.OOM_EXCEPTION("CUDA out of memory (simulated)")
         return real_decode(model, latent, tile_size, **options)
 
-    monkeypatch.setattr(vae_tiling.tiled_vae, "tiled_decode", flaky_decode)
+    monkeypatch.setattr(host_vae.tiled_vae, "tiled_decode", flaky_decode)
     _, _, vae = sd15_pixel
     samples = torch.randn(1, 4, 48, 40, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
-        decoded = vae_tiling.decode(vae, samples, 256)
+        decoded = host_vae.decode(vae, samples, 256)
         expected = vae.decode(samples) if failures == 1 else vae.decode_tiled(samples, tile_x=16, tile_y=16,
                                                                               overlap=4)
     assert tiles == [256, 128]

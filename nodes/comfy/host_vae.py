@@ -1,17 +1,13 @@
-"""Our exact one-pass tiled VAE and MultiDiffusion on the host's VAE and model objects, with the host's fallbacks."""
-import gc
+"""Our exact one-pass tiled VAE on the host's VAE objects, with the host's tiled VAE as the fallback."""
 import logging
 
 import comfy.model_management
-import comfy.samplers
-import comfy.utils
 import psutil
 
-from ..core import multidiffusion, tiled_vae, tiling
+from ..core import tiled_vae, tiling
+from .host_runtime import progress_bar, raise_if_interrupted, release_failed_try
 
 log = logging.getLogger("astria")
-DEFAULT_OVERLAP_PX = 64
-DEFAULT_TILE_BATCH = 4
 BYTES_PER_PIXEL_HELD = 3 * 4 * 4  # RGB float32: input, upscaled, decoded and colour-fixed copies live at once
 
 
@@ -23,24 +19,6 @@ def check_fits_in_memory(width, height, batch, tile_size):
         raise ValueError(f"a {width}x{height} px result (batch {batch}) needs about {needed / 2**30:.1f} GB of RAM "
                          f"for its images alone, and {available / 2**30:.1f} GB are free: lower the scale or the "
                          f"batch size (tile_size {tile_size} only bounds the model's working memory)")
-
-
-def _raise_if_interrupted():
-    """The host's Cancel, asked per tile and per layer chunk; raises ComfyUI's own interrupt exception."""
-    comfy.model_management.throw_exception_if_processing_interrupted()
-    return False
-
-
-def _progress_bar():
-    """A progress callback (done, total) that drives ComfyUI's progress bar."""
-    bar = {}
-
-    def progress(done, total):
-        if "bar" not in bar:
-            bar["bar"] = comfy.utils.ProgressBar(total)
-        bar["bar"].update_absolute(done, total)
-
-    return progress
 
 
 def _ours_supported(vae):
@@ -89,21 +67,15 @@ def _with_oom_retry(run_ours, run_host, tile_size, fits, what):
         pass  # retried below, outside the handler: the traceback holds the failed try's tensors until it ends
     log.warning("Astria tiled VAE %s ran out of GPU memory with %d px tiles; retrying with %d px tiles",
                 what, tile_size, smaller)
-    _release_failed_try()
+    release_failed_try()
     try:
         return run_ours(smaller)
     except comfy.model_management.OOM_EXCEPTION:
         pass
     log.warning("Astria tiled VAE %s ran out of GPU memory again; using ComfyUI's tiled VAE with %d px tiles",
                 what, smaller)
-    _release_failed_try()
+    release_failed_try()
     return run_host(smaller)
-
-
-def _release_failed_try():
-    """Free what a failed out-of-memory try left behind (its frames, then the allocator's cache)."""
-    gc.collect()
-    comfy.model_management.soft_empty_cache()
 
 
 def _load(vae, shape, encode):
@@ -112,7 +84,7 @@ def _load(vae, shape, encode):
     comfy.model_management.load_models_gpu([vae.patcher], memory_required=min(memory, 2**30))
 
 
-def encode(vae, pixels, tile_size, overlap=DEFAULT_OVERLAP_PX):
+def encode(vae, pixels, tile_size, overlap=tiling.DEFAULT_OVERLAP):
     """Latent (B, C, H/8, W/8) of (B, H, W, C) pixels in 0..1: our exact one-pass tiled encode, or the host's."""
     pixels = pixels[..., :3]
     if not _ours_supported(vae):
@@ -121,11 +93,11 @@ def encode(vae, pixels, tile_size, overlap=DEFAULT_OVERLAP_PX):
     channels_first = pixels.movedim(-1, 1)
     _load(vae, channels_first.shape, encode=True)
     model_input = vae.process_input(channels_first).to(vae.vae_dtype).to(vae.device)
-    progress = _progress_bar()
+    progress = progress_bar()
 
     def run_ours(tile):
         return tiled_vae.tiled_encode(vae.first_stage_model, model_input, tile, device=vae.device,
-                                      dtype=vae.vae_dtype, should_cancel=_raise_if_interrupted, progress=progress)
+                                      dtype=vae.vae_dtype, should_cancel=raise_if_interrupted, progress=progress)
 
     def run_host(tile):
         return vae.encode_tiled(pixels, tile_x=tile, tile_y=tile, overlap=min(overlap, tile // 4))
@@ -141,18 +113,18 @@ def _host_decode(vae, samples, tile_size, overlap):
     return vae.decode_tiled(samples, tile_x=tile, tile_y=tile, overlap=min(overlap // 8, tile // 4))
 
 
-def decode(vae, samples, tile_size, overlap=DEFAULT_OVERLAP_PX):
+def decode(vae, samples, tile_size, overlap=tiling.DEFAULT_OVERLAP):
     """(B, H, W, C) pixels in 0..1 of a latent tensor: our exact one-pass tiled decode, or the host's."""
     if not _ours_supported(vae):
         return _host_decode(vae, samples, tile_size, overlap)
     vae.throw_exception_if_invalid()
     _load(vae, samples.shape, encode=False)
     latent = samples.to(vae.vae_dtype).to(vae.device)
-    progress = _progress_bar()
+    progress = progress_bar()
 
     def run_ours(tile):
         decoded = tiled_vae.tiled_decode(vae.first_stage_model, latent, tile, device=vae.device,
-                                         dtype=vae.vae_dtype, should_cancel=_raise_if_interrupted, progress=progress)
+                                         dtype=vae.vae_dtype, should_cancel=raise_if_interrupted, progress=progress)
         return vae.process_output(decoded.to(vae.output_device).float()).movedim(1, -1)
 
     def run_host(tile):
@@ -160,42 +132,3 @@ def decode(vae, samples, tile_size, overlap=DEFAULT_OVERLAP_PX):
 
     return _with_oom_retry(run_ours, run_host, tile_size, lambda: _activations_fit(vae, latent.shape, encode=False),
                            "decode")
-
-
-def _resize_hint(hint, height, width):
-    """Resize a ControlNet hint crop the way the host's ControlNet resizes its hint, so tiles see the same pixels."""
-    return comfy.utils.common_upscale(hint, width, height, "nearest-exact", "center")
-
-
-def with_tiled_diffusion(model, tile_size, overlap=DEFAULT_OVERLAP_PX, tile_batch_size=DEFAULT_TILE_BATCH):
-    """A clone of the model whose every sampling step denoises overlapping latent tiles and blends them
-    (MultiDiffusion), for latents larger than one tile; smaller latents run untouched. On a GPU out-of-memory
-    error the step is retried once with half the tile size (and one tile per batch), and that stays in force."""
-    current = {"tile": tile_size, "batch": tile_batch_size, "retried": False}
-
-    def plan_for(latent_height, latent_width):
-        return tiling.latent_tile_plan(latent_height, latent_width, current["tile"], overlap)
-
-    def build():
-        return multidiffusion.make_tiled_calc_cond_batch(plan_for, comfy.samplers.calc_cond_batch, current["batch"],
-                                                         should_cancel=_raise_if_interrupted, resize=_resize_hint)
-
-    hooks = [build()]
-
-    def hook(args):
-        if current["retried"]:
-            return hooks[0](args)
-        try:
-            return hooks[0](args)
-        except comfy.model_management.OOM_EXCEPTION:
-            pass  # retried below, outside the handler, so the failed try's tensors can be freed first
-        current.update(tile=max(256, current["tile"] // 2), batch=1, retried=True)
-        log.warning("Astria tiled diffusion ran out of GPU memory; retrying with %d px tiles, one per batch",
-                    current["tile"])
-        _release_failed_try()
-        hooks[0] = build()
-        return hooks[0](args)
-
-    patched = model.clone()
-    patched.set_model_sampler_calc_cond_batch_function(hook)
-    return patched

@@ -1,5 +1,5 @@
 """Astria VAE Encode/Decode (Tiled) and Astria Tiled Diffusion: exact one-pass tiled VAE and MultiDiffusion."""
-from . import vae_tiling
+from . import host_diffusion, host_vae
 from ._api import io
 
 TILE_TOOLTIP = "Tile side in pixels: smaller tiles use less memory; the result is the same (exact tiling)."
@@ -43,7 +43,7 @@ class AstriaVAEEncodeTiled(io.ComfyNode):
             samples = vae.encode_tiled(pixels[..., :3], tile_x=tile_size, tile_y=tile_size, overlap=overlap,
                                        tile_t=temporal_size, overlap_t=temporal_overlap)
         else:
-            samples = vae_tiling.encode(vae, pixels, tile_size, overlap)
+            samples = host_vae.encode(vae, pixels, tile_size, overlap)
         return io.NodeOutput({"samples": samples})
 
 
@@ -74,7 +74,7 @@ class AstriaVAEDecodeTiled(io.ComfyNode):
             if images.ndim == 5:
                 images = images.reshape(-1, *images.shape[-3:])
             return io.NodeOutput(images)
-        return io.NodeOutput(vae_tiling.decode(vae, latent, tile_size, overlap))
+        return io.NodeOutput(host_vae.decode(vae, latent, tile_size, overlap))
 
 
 class AstriaTiledDiffusion(io.ComfyNode):
@@ -103,7 +103,7 @@ class AstriaTiledDiffusion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, tile_size=1024, overlap=64, tile_batch_size=4) -> io.NodeOutput:
-        return io.NodeOutput(vae_tiling.with_tiled_diffusion(model, tile_size, overlap, tile_batch_size))
+        return io.NodeOutput(host_diffusion.with_tiled_diffusion(model, tile_size, overlap, tile_batch_size))
 
 
 TILING_NODES = [AstriaVAEEncodeTiled, AstriaVAEDecodeTiled, AstriaTiledDiffusion]

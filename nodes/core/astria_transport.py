@@ -1,10 +1,8 @@
-"""Async client for Astria's prompt API: retries within deadlines, exactly-once creates, safe downloads.
+"""HTTP to Astria's prompt API: the key, retries with backoff within deadlines, Retry-After, safe downloads.
 
-Pure Python + aiohttp (shipped by ComfyUI); imports nothing from ComfyUI. The rules it follows are in the pack's
-spec (astria-syntax.md section 4): a create that may have reached Astria is never sent again blindly, every
-create carries an explicit seed, a prompt Astria answers with is checked against the job journal and against the
-time the request began (Astria's idempotency can hand back an older prompt), and the API key goes only into the
-Authorization header of requests to the API's own origin.
+Pure Python + aiohttp (shipped by ComfyUI); imports nothing from ComfyUI. The API key goes only into the
+Authorization header of requests to the API's own origin, and never into a repr, a log line or an error.
+The exactly-once job logic built on this lives in `astria_jobs.py`.
 """
 from __future__ import annotations
 
@@ -20,7 +18,7 @@ import re
 import stat
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -29,7 +27,17 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from .astria_journal import Attempt, JobJournal, form_value, job_key, normalized_text, seed_group
+from .astria_errors import (
+    AstriaAmbiguousCreate,
+    AstriaAuthError,
+    AstriaCancelled,
+    AstriaDownloadError,
+    AstriaNotFound,
+    AstriaProtocolError,
+    AstriaRequestRejected,
+    AstriaTimeout,
+)
+from .astria_journal import form_value
 
 logger = logging.getLogger("astria")
 
@@ -61,79 +69,6 @@ StatusCallback = Callable[[str, str], None]
 CancelCheck = Callable[[], bool]
 
 
-# ---- errors -------------------------------------------------------------------------------------------------
-class AstriaError(Exception):
-    """Base of every error the Astria client raises; its text is meant for the user."""
-
-
-class AstriaAuthError(AstriaError):
-    """Astria answered 401: the API key is missing, wrong or revoked."""
-
-
-class AstriaRequestRejected(AstriaError):
-    """Astria refused a request (422 validation or another 4xx): retrying the same request cannot help."""
-
-    def __init__(self, message: str, status: int, server_text: str = ""):
-        super().__init__(message)
-        self.status = status
-        self.server_text = server_text
-
-
-class AstriaNotFound(AstriaRequestRejected):
-    """Astria does not know the prompt (or tune) asked for."""
-
-
-class AstriaPromptFailed(AstriaError):
-    """Astria ran the prompt and reported a `user_error` for it."""
-
-    def __init__(self, message: str, prompt_id: int, user_error: str):
-        super().__init__(message)
-        self.prompt_id = prompt_id
-        self.user_error = user_error
-
-
-class AstriaTimeout(AstriaError):
-    """A step ran past its deadline; the message names the step and the prompt id when there is one."""
-
-    def __init__(self, message: str, step: str, prompt_id: Optional[int] = None):
-        super().__init__(message)
-        self.step = step
-        self.prompt_id = prompt_id
-
-
-class AstriaCancelled(AstriaError):
-    """The user cancelled; the message says whether a (billable) prompt already exists on Astria."""
-
-    def __init__(self, prompt_id: Optional[int] = None, *, maybe_created: bool = False):
-        if prompt_id is not None:
-            text = (f"Cancelled. Prompt {prompt_id} was already created on Astria and may still be billed; running "
-                    "the same image again resumes it instead of paying twice.")
-        elif maybe_created:
-            text = ("Cancelled while confirming a create whose answer was lost: a prompt may already exist on Astria "
-                    "and may be billed; running the same image again looks it up before creating anything.")
-        else:
-            text = "Cancelled before anything was created on Astria: nothing was billed."
-        super().__init__(text)
-        self.prompt_id = prompt_id
-        self.maybe_created = maybe_created
-
-
-class AstriaAmbiguousCreate(AstriaError):
-    """A create failed in a way that may still have saved the prompt (5xx, timeout, dropped connection)."""
-
-
-class AstriaDuplicateRefused(AstriaError):
-    """Astria kept answering creates with prompts that belong to other requests; nothing of ours was created."""
-
-
-class AstriaProtocolError(AstriaError):
-    """Astria (or something in between) answered in a way the client cannot use, e.g. a redirect."""
-
-
-class AstriaDownloadError(AstriaError):
-    """An image could not be downloaded or is not a usable image."""
-
-
 # ---- settings -----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -159,19 +94,6 @@ class Timeouts:
     api_s: float = 60.0
     create_s: float = 180.0  # uploads the input image
     download_s: float = 300.0
-
-
-@dataclass
-class JobResult:
-    """What one remote job delivered: the prompt, the seed it was actually created with, and the images."""
-
-    prompt_id: int
-    seed: int
-    image_urls: list[str]
-    images: list[bytes]
-    resumed: bool
-    key: str
-    notices: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -299,7 +221,7 @@ def _loggable_url(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
-def _parse_time(text: Any) -> Optional[float]:
+def parse_time(text: Any) -> Optional[float]:
     if not isinstance(text, str) or not text:
         return None
     try:
@@ -354,13 +276,13 @@ def _json_or_none(body: bytes) -> Any:
         return None
 
 
-def _check_seed(seed: int) -> int:
+def check_seed(seed: int) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_MODULUS:
         raise ValueError(f"seed {seed!r} is out of range: Astria seeds are whole numbers from 0 to {SEED_MODULUS - 1}.")
     return seed
 
 
-async def _sleep_checked(sleep, seconds: float, cancelled: Optional[CancelCheck], on_cancel: Callable[[], Exception]):
+async def sleep_checked(sleep, seconds: float, cancelled: Optional[CancelCheck], on_cancel: Callable[[], Exception]):
     """Sleep in steps of at most CANCEL_CHECK_S, raising on_cancel() as soon as cancelled() says so."""
     remaining = max(0.0, seconds)
     while True:
@@ -374,8 +296,9 @@ async def _sleep_checked(sleep, seconds: float, cancelled: Optional[CancelCheck]
 
 
 # ---- the client ---------------------------------------------------------------------------------------------
-class AstriaClient:
-    """Talks to Astria's API for one API key; use `async with` (or `await close()`) to release connections."""
+class AstriaTransport:
+    """HTTP to Astria's API for one API key: retries within deadlines, Retry-After, safe downloads; use
+    `async with` (or `await close()`) to release connections. `AstriaClient` adds the exactly-once jobs."""
 
     def __init__(
         self,
@@ -387,13 +310,7 @@ class AstriaClient:
         wall_clock: Callable[[], float] = time.time,
         timeouts: Timeouts = Timeouts(),
         retry: RetryPolicy = RetryPolicy(),
-        settle_s: Optional[float] = None,
-        journal: Optional[JobJournal] = None,
         key_file_hint: str = DEFAULT_KEY_FILE_HINT,
-        max_seed_moves: int = 3,
-        max_ambiguous_creates: int = 3,
-        clock_slack_s: float = 2.0,
-        unknown_skew_s: float = 300.0,
         rng: Optional[random.Random] = None,
     ):
         scheme, host, _port = _origin(base_url)
@@ -414,23 +331,15 @@ class AstriaClient:
         self._wall_clock = wall_clock
         self.timeouts = timeouts
         self.retry = retry
-        self.settle_s = settle_seconds_from_env() if settle_s is None else float(settle_s)
-        self.journal = journal if journal is not None else JobJournal(None, wall_clock=wall_clock)
         self.key_file_hint = key_file_hint
-        self.max_seed_moves = max_seed_moves
-        self.max_ambiguous_creates = max_ambiguous_creates
-        self.clock_slack_s = clock_slack_s
-        self.unknown_skew_s = unknown_skew_s
         self._rng = rng or random.Random()
         self._session: Optional[aiohttp.ClientSession] = None
         self._server_offset_s: Optional[float] = None  # server wall time minus ours, from Date headers
-        self._reserved_seeds: dict[str, dict[str, int]] = {}  # group -> {running job key: seed}
-        self._active_keys: set[str] = set()
 
     def __repr__(self) -> str:
-        return f"AstriaClient(base_url={self.base_url!r}, api_key='***')"
+        return f"{type(self).__name__}(base_url={self.base_url!r}, api_key='***')"
 
-    async def __aenter__(self) -> "AstriaClient":
+    async def __aenter__(self):
         return self
 
     async def __aexit__(self, *exc_info) -> None:
@@ -599,7 +508,7 @@ class AstriaClient:
                 raise self._past_deadline(step, prompt_id, deadline, problem, wait_s, source)
             logger.warning("Astria: %s got %s; retrying in %.1f s (retry %d).", step, problem, wait_s, retries + 1)
             retries += 1
-            await _sleep_checked(self._sleep_fn, wait_s, cancelled, on_cancel)
+            await sleep_checked(self._sleep_fn, wait_s, cancelled, on_cancel)
 
     def _timeout(self, step: str, prompt_id: Optional[int], deadline: float, detail: str = "") -> AstriaTimeout:
         where = f" (prompt {prompt_id})" if prompt_id is not None and f"prompt {prompt_id}" not in step else ""
@@ -689,7 +598,7 @@ class AstriaClient:
         """
         if "seed" not in fields:
             raise ValueError("Every Astria create carries an explicit seed (fields['seed']); none was given.")
-        _check_seed(int(fields["seed"]))
+        check_seed(int(fields["seed"]))
         deadline = self._clock() + self.retry.deadline_s
         step = f"creating a prompt on tune {tune_id}"
         retries = 0
@@ -730,7 +639,7 @@ class AstriaClient:
                 raise self._past_deadline(step, None, deadline, problem, wait_s, source, "; nothing was created")
             logger.warning("Astria: %s got %s; trying again in %.1f s.", step, problem, wait_s)
             retries += 1
-            await _sleep_checked(self._sleep_fn, wait_s, cancelled, lambda: AstriaCancelled(None))
+            await sleep_checked(self._sleep_fn, wait_s, cancelled, lambda: AstriaCancelled(None))
 
     @staticmethod
     def _create_form(fields: Mapping[str, Any], image_png: Optional[bytes]) -> aiohttp.FormData:
@@ -741,38 +650,6 @@ class AstriaClient:
         if image_png is not None:
             form.add_field("prompt[input_image]", image_png, filename="input.png", content_type="image/png")
         return form
-
-    async def wait(self, prompt_id: int, *, poll_interval: float = DEFAULT_POLL_INTERVAL_S,
-                   deadline: Optional[float] = None, cancelled: Optional[CancelCheck] = None,
-                   on_poll: Optional[Callable[[float], None]] = None) -> list[str]:
-        """Poll a prompt until it has images and return their URLs; `deadline` is seconds from now (default 600)."""
-        prompt_id = int(prompt_id)
-        started = self._clock()
-        limit_s = self.retry.deadline_s if deadline is None else float(deadline)
-        deadline_at = started + limit_s
-        step = f"rendering prompt {prompt_id}"
-        while True:
-            prompt = await self.get_prompt(prompt_id, deadline=deadline_at, cancelled=cancelled)
-            user_error = prompt.get("user_error")
-            if user_error:
-                text = self._scrub(str(user_error))
-                raise AstriaPromptFailed(f"Astria could not run prompt {prompt_id}: {text}", prompt_id, text)
-            images = prompt.get("images") or []
-            if images:
-                urls = [item.get("url") if isinstance(item, dict) else item
-                        for item in (images if isinstance(images, list) else [images])]
-                if not isinstance(images, list) or not all(isinstance(url, str) and url for url in urls):
-                    raise AstriaProtocolError(
-                        f"Prompt {prompt_id} lists images that are not URLs ({self._scrub(str(images))[:120]!r}). "
-                        f"The prompt is kept; running the same image again reads it again without paying.")
-                return urls
-            now = self._clock()
-            if on_poll is not None:
-                on_poll(now - started)
-            if now >= deadline_at:
-                raise self._timeout(step, prompt_id, deadline_at, f"it was still without images after {limit_s:.0f} s")
-            await _sleep_checked(self._sleep_fn, min(poll_interval, deadline_at - now), cancelled,
-                                 lambda: AstriaCancelled(prompt_id))
 
     async def download(self, url: str, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
                        max_pixels: int = DEFAULT_MAX_PIXELS, deadline: Optional[float] = None,
@@ -814,207 +691,3 @@ class AstriaClient:
         return answer.body
 
     # ---- exactly-once jobs ------------------------------------------------------------------------------
-    async def find_prompt(self, tune_id: int, text: str, seed: int, negative_prompt: Optional[str], *,
-                          since_wall: float, exclude: set[int], cancelled: Optional[CancelCheck] = None
-                          ) -> Optional[dict]:
-        """Look a prompt up by (text, seed, negative prompt) among unclaimed prompts created since `since_wall`."""
-        window_start = self._server_time(since_wall) - self.clock_slack_s
-        wanted = (normalized_text(text), int(seed), normalized_text(negative_prompt))
-        matches: list[dict] = []
-        before_id = None
-        for _page in range(LIST_MAX_PAGES):
-            page = await self.list_prompts(tune_id, before_id=before_id, limit=LIST_PAGE_SIZE, cancelled=cancelled)
-            reached_older = False
-            for prompt in page:
-                created = _parse_time(prompt.get("created_at"))
-                if created is not None and created < window_start:
-                    reached_older = True
-                    continue
-                if int(prompt["id"]) in exclude:
-                    continue
-                try:
-                    found = (normalized_text(prompt.get("text")), int(prompt.get("seed")),
-                             normalized_text(prompt.get("negative_prompt")))
-                except (TypeError, ValueError):
-                    continue
-                if found == wanted:
-                    matches.append(prompt)
-            if reached_older or len(page) < LIST_PAGE_SIZE:
-                break
-            before_id = min(int(prompt["id"]) for prompt in page)
-        if len(matches) > 1:
-            logger.warning("Astria lists %d unclaimed prompts matching seed %d on tune %s; taking the oldest.",
-                           len(matches), seed, tune_id)
-        return min(matches, key=lambda prompt: int(prompt["id"])) if matches else None
-
-    def _refusal_reason(self, prompt: dict, started_wall: float) -> Optional[str]:
-        prompt_id = int(prompt["id"])
-        if self.journal.prompt_owner(prompt_id) is not None:
-            return f"prompt {prompt_id} already belongs to another request in the job journal"
-        created = _parse_time(prompt.get("created_at"))
-        if created is not None and created < self._server_time(started_wall) - self.clock_slack_s:
-            return (f"prompt {prompt_id} was created at {prompt.get('created_at')}, before this request began "
-                    "(Astria's idempotency returned an earlier prompt with the same settings)")
-        return None
-
-    def _free_seed(self, group: str, key: str, wanted: int, *, skip_wanted: bool) -> int:
-        """Return `wanted` (or the next seed after it) that no journaled or running request of the group uses."""
-        others = {seed for other, seed in self._reserved_seeds.get(group, {}).items() if other != key}
-        taken = self.journal.seeds_taken(group) | others
-        seed = (wanted + 1) % SEED_MODULUS if skip_wanted else wanted
-        while seed in taken:
-            seed = (seed + 1) % SEED_MODULUS
-        self._reserved_seeds.setdefault(group, {})[key] = seed
-        return seed
-
-    async def _create_exactly_once(self, attempt: Attempt, tune_id: int, fields: Mapping[str, Any],
-                                   image_png: Optional[bytes], cancelled: Optional[CancelCheck], report) -> int:
-        """Create the attempt's prompt once: settle and look up after ambiguity, refuse prompts that are not ours."""
-        text, negative = fields.get("text"), fields.get("negative_prompt")
-        if attempt.state == "refused":
-            attempt.seed = self._free_seed(attempt.group, attempt.key, attempt.seed, skip_wanted=True)
-        elif attempt.state == "intent":
-            # A run stopped between sending a create and recording its answer: the prompt may exist.
-            elapsed = max(0.0, self._wall_clock() - (attempt.intent_wall or 0.0))
-            prompt = await self._settle_and_find(attempt, tune_id, text, negative, attempt.intent_wall or 0.0,
-                                                 max(0.0, self.settle_s - elapsed), cancelled, report)
-            if prompt is not None:
-                return self._claim(attempt, prompt, report, "found after a restart")
-        seed_moves = ambiguous = 0
-        while True:
-            if cancelled is not None and cancelled():
-                raise AstriaCancelled(None)
-            self.journal.record("intent", attempt)
-            started_wall = self._wall_clock()
-            report("creating", f"Creating the prompt on Astria (seed {attempt.seed})")
-            try:
-                prompt = await self.create_prompt(tune_id, {**fields, "seed": attempt.seed}, image_png,
-                                                  cancelled=cancelled)
-            except AstriaAmbiguousCreate as exc:
-                ambiguous += 1
-                logger.warning("Astria: %s Waiting %.0f s, then looking it up instead of sending it again.", exc,
-                               self.settle_s)
-                prompt = await self._settle_and_find(attempt, tune_id, text, negative, started_wall, self.settle_s,
-                                                     cancelled, report)
-                if prompt is None:
-                    if ambiguous >= self.max_ambiguous_creates:
-                        raise AstriaError(
-                            f"Creating the prompt on Astria failed {ambiguous} times without a clear answer, and it "
-                            f"was not found afterwards ({exc}). Nothing was sent again; try later: the next run "
-                            "looks it up before creating.") from None
-                    logger.info("Astria: the prompt was not found after the failed create; creating it now.")
-                    continue
-                return self._claim(attempt, prompt, report, "found after a failed create")
-            except AstriaCancelled as exc:
-                if not exc.maybe_created:  # cancelled before sending or while waiting out a 429: nothing exists
-                    self.journal.record("failed", attempt, error=str(exc)[:300], created=False)
-                raise  # abandoned in flight: the intent stays, so the next run looks the prompt up first
-            except (AstriaAuthError, AstriaRequestRejected, AstriaProtocolError, AstriaTimeout) as exc:
-                # Each of these means Astria did not create anything for this request.
-                self.journal.record("failed", attempt, error=str(exc)[:300], created=False)
-                raise
-            reason = self._refusal_reason(prompt, started_wall)
-            if reason is None:
-                return self._claim(attempt, prompt, report, "created")
-            seed_moves += 1
-            self.journal.record("refused", attempt, prompt_id=int(prompt["id"]), reason=reason)
-            if seed_moves > self.max_seed_moves:
-                self.journal.record("failed", attempt, error="duplicate prompts refused", created=False)
-                raise AstriaDuplicateRefused(
-                    f"Astria answered {seed_moves} creates with prompts that are not this request's ({reason}). "
-                    "Nothing new was created. Turn off idempotency in your Astria account settings, or change the "
-                    "seed or the prompt text.")
-            old_seed = attempt.seed
-            attempt.seed = self._free_seed(attempt.group, attempt.key, old_seed, skip_wanted=True)
-            notice = f"Refused {reason}; creating again with seed {attempt.seed} instead of {old_seed}."
-            logger.warning("Astria: %s", notice)
-            report("creating", notice)
-
-    async def _settle_and_find(self, attempt: Attempt, tune_id: int, text, negative, since_wall: float,
-                               settle_s: float, cancelled, report) -> Optional[dict]:
-        report("settling", f"Astria's answer to the create was lost; waiting {settle_s:.0f} s, then looking for the "
-                           "prompt instead of paying twice")
-        await _sleep_checked(self._sleep_fn, settle_s, cancelled, lambda: AstriaCancelled(None, maybe_created=True))
-        try:
-            return await self.find_prompt(tune_id, text, attempt.seed, negative, since_wall=since_wall,
-                                          exclude=self.journal.claimed_prompt_ids(), cancelled=cancelled)
-        except AstriaCancelled:
-            raise AstriaCancelled(None, maybe_created=True) from None
-        except AstriaAuthError:
-            raise
-        except AstriaError as exc:
-            # The intent stays in the journal: nothing is sent again until a lookup has answered.
-            raise AstriaError(f"A create's answer was lost and looking the prompt up failed too ({exc}). A prompt may "
-                              "already exist on Astria and may be billed; nothing was sent again. Running the same "
-                              "image again looks it up before creating anything.") from None
-
-    def _claim(self, attempt: Attempt, prompt: dict, report, how: str) -> int:
-        prompt_id = int(prompt["id"])
-        self.journal.record("created", attempt, prompt_id=prompt_id)
-        logger.info("Astria prompt %d %s (seed %d).", prompt_id, how, attempt.seed)
-        report("created", f"Prompt {prompt_id} {how} on Astria (seed {attempt.seed})")
-        return prompt_id
-
-    async def run_job(self, tune_id: int, fields: Mapping[str, Any], image_png: Optional[bytes], *, seed: int,
-                      slot: int = 0, on_status: Optional[StatusCallback] = None,
-                      cancelled: Optional[CancelCheck] = None, poll_interval: float = DEFAULT_POLL_INTERVAL_S,
-                      deadline: Optional[float] = None, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-                      max_pixels: int = DEFAULT_MAX_PIXELS) -> JobResult:
-        """Create-or-resume one job (one input image), wait for it and download its images, journaling each step.
-
-        `fields` are the `prompt[...]` form fields without the seed; `slot` is the image's index in its batch (so
-        identical images of a batch are separate jobs). A job created earlier but never delivered is resumed with
-        its recorded seed and prompt, whatever `seed` says now. `on_status(stage, text)` reports progress with
-        stages from STATUS_STAGES. `deadline` (seconds, default 600) bounds the rendering wait.
-        """
-        if "seed" in fields:
-            raise ValueError("Pass the seed as run_job(seed=...), not in fields: the journal records it per attempt.")
-        if not normalized_text(fields.get("text")):
-            raise ValueError("The Astria prompt has no text to send.")
-        _check_seed(seed)
-        key = job_key(tune_id, fields, image_png, slot)
-        group = seed_group(tune_id, fields.get("text"), fields.get("negative_prompt"))
-        if key in self._active_keys:
-            raise AstriaError(f"Image {slot + 1} is already being sent to Astria by this client; wait for it to finish.")
-
-        def report(stage: str, text: str) -> None:
-            if on_status is not None:
-                on_status(stage, text)
-
-        self._active_keys.add(key)
-        try:
-            attempt = self.journal.latest_attempt(key)
-            resumed = attempt is not None and (attempt.is_open or (attempt.seed == seed and attempt.prompt_id))
-            if resumed:
-                self._reserved_seeds.setdefault(group, {})[key] = attempt.seed
-                logger.info("Astria: resuming image %d with its recorded seed %d (state %s).", slot + 1, attempt.seed,
-                            attempt.state)
-            else:
-                attempt = self.journal.begin(key, group, self._free_seed(group, key, seed, skip_wanted=False))
-            if attempt.state in ("new", "intent", "refused"):
-                prompt_id = await self._create_exactly_once(attempt, tune_id, fields, image_png, cancelled, report)
-            else:
-                prompt_id = attempt.prompt_id
-                report("resumed", f"Resuming prompt {prompt_id} on Astria (seed {attempt.seed}); nothing is paid twice")
-            notices = [] if attempt.seed == seed else [f"image {slot + 1} used seed {attempt.seed} (asked: {seed})"]
-            try:
-                urls = await self.wait(prompt_id, poll_interval=poll_interval, deadline=deadline, cancelled=cancelled,
-                                       on_poll=lambda s: report("rendering", f"Rendering prompt {prompt_id} on "
-                                                                             f"Astria: {s:.0f} s"))
-                images = []
-                for number, url in enumerate(urls, start=1):
-                    report("downloading", f"Downloading image {number} of {len(urls)} of prompt {prompt_id}")
-                    images.append(await self.download(url, max_bytes=max_bytes, max_pixels=max_pixels,
-                                                       cancelled=cancelled, prompt_id=prompt_id))
-            except (AstriaPromptFailed, AstriaNotFound) as exc:
-                if attempt.state != "failed":
-                    self.journal.record("failed", attempt, prompt_id=prompt_id, error=str(exc)[:300], created=True)
-                raise
-            if attempt.state != "delivered":
-                self.journal.record("delivered", attempt, prompt_id=prompt_id)
-            report("delivered", f"Prompt {prompt_id}: {len(images)} image(s) received")
-            return JobResult(prompt_id=prompt_id, seed=attempt.seed, image_urls=urls, images=images,
-                             resumed=bool(resumed), key=key, notices=notices)
-        finally:
-            self._active_keys.discard(key)
-            self._reserved_seeds.get(group, {}).pop(key, None)  # the journal remembers the seeds it sent

@@ -16,11 +16,10 @@ import pytest
 pytest.importorskip("aiohttp", reason="the Astria client needs aiohttp (ComfyUI's venv ships it)")
 pytest.importorskip("PIL", reason="downloads are decode-checked with Pillow (ComfyUI's venv ships it)")
 
-from comfyui_astria.nodes.core import astria_api
-from comfyui_astria.nodes.core.astria_api import (
+from comfyui_astria.nodes.core import astria_transport
+from comfyui_astria.nodes.core.astria_errors import (
     AstriaAuthError,
     AstriaCancelled,
-    AstriaClient,
     AstriaDownloadError,
     AstriaDuplicateRefused,
     AstriaNotFound,
@@ -28,11 +27,10 @@ from comfyui_astria.nodes.core.astria_api import (
     AstriaProtocolError,
     AstriaRequestRejected,
     AstriaTimeout,
-    RetryPolicy,
-    Timeouts,
-    check_image_bytes,
 )
+from comfyui_astria.nodes.core.astria_jobs import AstriaClient
 from comfyui_astria.nodes.core.astria_journal import JobJournal, job_key, seed_group
+from comfyui_astria.nodes.core.astria_transport import RetryPolicy, Timeouts, check_image_bytes
 from comfyui_astria.tests.unit.fake_astria import FakeAstria, FakeClock, Faults, Scripted, png_bytes
 
 KEY = "sk-SENTINEL-4b1d9e77c0ffee"
@@ -488,12 +486,12 @@ def test_the_client_refuses_plain_http_to_a_remote_host_and_reads_settle_from_en
 def test_load_api_key_prefers_the_environment_then_the_key_file(monkeypatch, tmp_path):
     key_file = tmp_path / "api_key"
     monkeypatch.delenv("ASTRIA_API_KEY", raising=False)
-    assert astria_api.load_api_key(key_file) is None
+    assert astria_transport.load_api_key(key_file) is None
     key_file.write_text(KEY + "\n")
     key_file.chmod(0o600)
-    assert astria_api.load_api_key(key_file) == KEY
+    assert astria_transport.load_api_key(key_file) == KEY
     monkeypatch.setenv("ASTRIA_API_KEY", "from-env")
-    assert astria_api.load_api_key(key_file) == "from-env"
+    assert astria_transport.load_api_key(key_file) == "from-env"
 
 
 # ---- injected faults: error shapes, Retry-After, odd answers, downloads, secrets, cancel -------------------------
@@ -930,17 +928,17 @@ def test_a_create_that_cannot_connect_is_retried_and_fails_saying_nothing_was_cr
 def test_wait_settings_from_the_environment(monkeypatch):
     for name in ("ASTRIA_RETRY_BASE_S", "ASTRIA_POLL_INTERVAL_S", "ASTRIA_DEADLINE_S"):
         monkeypatch.delenv(name, raising=False)
-    defaults = astria_api.WaitSettings.from_env()
+    defaults = astria_transport.WaitSettings.from_env()
     assert (defaults.retry.base_s, defaults.poll_interval_s, defaults.deadline_s) == (30.0, 5.0, 600.0)
     monkeypatch.setenv("ASTRIA_RETRY_BASE_S", "2.5")
     monkeypatch.setenv("ASTRIA_POLL_INTERVAL_S", " 1 ")
     monkeypatch.setenv("ASTRIA_DEADLINE_S", "90")
-    waits = astria_api.WaitSettings.from_env()
+    waits = astria_transport.WaitSettings.from_env()
     assert (waits.retry.base_s, waits.poll_interval_s, waits.deadline_s, waits.retry.deadline_s) == (2.5, 1.0, 90, 90)
     for bad in ("0", "-1", "nan", "inf", "soon"):
         monkeypatch.setenv("ASTRIA_POLL_INTERVAL_S", bad)
         with pytest.raises(ValueError, match="ASTRIA_POLL_INTERVAL_S="):
-            astria_api.WaitSettings.from_env()
+            astria_transport.WaitSettings.from_env()
     monkeypatch.setenv("ASTRIA_POLL_INTERVAL_S", "5")
     monkeypatch.setenv("ASTRIA_CREATE_SETTLE_S", "0")  # the settle wait may be 0, the others not
-    assert astria_api.settle_seconds_from_env() == 0.0
+    assert astria_transport.settle_seconds_from_env() == 0.0

@@ -21,7 +21,7 @@ COMMA_TOKEN_TEXT = ",</w>"  # how CLIP's vocabulary spells a comma ending a word
 
 
 def weighting_for(prompt, choice):
-    """The weighting mode: the node's choice, or from the prompt's use_lpw (spec section 2: false -> none)."""
+    """The weighting mode: the node's choice, or from the prompt's use_lpw (docs/astria-syntax.md section 6: false -> none)."""
     if choice != FROM_PROMPT:
         return choice
     return settings.weighting_from_prompt(prompt)

@@ -34,7 +34,7 @@ KEY_FILE_NAME = "api_key"
 JOURNAL_FILE_NAME = "jobs.jsonl"
 PNG_COMPRESS_LEVEL = 4  # fast; the same pixels always give the same bytes, which the journal's job key relies on
 # Params that are not `prompt[...]` form fields as they stand: the seed is sent per image, the tune is in the URL,
-# and input_image_url only goes out when no IMAGE is connected (spec section 3).
+# and input_image_url only goes out when no IMAGE is connected (docs/astria-syntax.md section 8).
 PARAMS_NOT_SENT = ("seed", "tune_id", "input_image_url")
 
 

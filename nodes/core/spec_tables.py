@@ -1,7 +1,7 @@
 """The spec's tables (flag kinds, parameter types and ranges, scheduler map, local handling): one source of truth.
 
 Nodes, the JS preview (through a route) and the docs read these; `as_json()` gives them as plain data.
-Source: /shared/astria-syntax.md sections 1 and 3.
+The spec they implement: docs/astria-syntax.md (sections 3-5 the grammar's tables, section 7 the local run).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ denoising_strength=0.1
 scheduler=euler_a
 use_lpw=false"""
 
-# Flag kinds (spec section 1).
+# Flag kinds (docs/astria-syntax.md section 4).
 BOOLEAN = "boolean"  # `--name` alone; text after it stays prompt text
 ONE_VALUE = "value"  # `--name TOKEN`
 WORDS = "words"  # `--name several words` up to the next flag or the end of the line
@@ -82,7 +82,7 @@ FLAG_VALUE_TYPES: dict[str, str] = {
 # Tiled-upscale defaults named by Astria's docs (features/tiled-upscale.md).
 FLAG_DEFAULTS: dict[str, float] = {"hires_cfg_scale": 5.5, "resemblance": 0.65}
 
-# Parameter types (spec section 1). Keys not listed are strings.
+# Parameter types (docs/astria-syntax.md section 5). Keys not listed are strings.
 INT_PARAMS = ("num_images", "seed", "steps", "w", "h", "backend_version")
 FLOAT_PARAMS = ("cfg_scale", "denoising_strength", "controlnet_conditioning_scale")
 BOOL_PARAMS = (
@@ -146,7 +146,7 @@ SCHEDULER_MAP: dict[str, tuple[str, str]] = {
 }
 REMOTE_ONLY_SCHEDULERS = ("tcd",)
 
-# Section 3: what a local only-upscale run does with each item. "remote" items are sent as written by the remote
+# docs/astria-syntax.md section 7: what a local only-upscale run does with each item. "remote" items are sent as written by the remote
 # node and reported locally; the settings module decides the connection-dependent ones (super_resolution,
 # ControlNet items) at run time.
 REMOTE_ONLY_REASON = "remote only: Astria runs it; the remote node sends it as written"
@@ -203,7 +203,7 @@ URL_PARAMS = ("input_image_url", "mask_image_url")
 ASPECT_PARAMS = ("ar", "aspect_ratio")
 ASPECT_REASON = "the input's aspect ratio is kept (set w and h for another size)"
 
-# The spec's section-3 table as rows, for docs and the JS preview.
+# docs/astria-syntax.md section 7's table as rows, for docs and the JS preview.
 LOCAL_ONLY_UPSCALE_TABLE: tuple[tuple[str, str], ...] = (
     ("denoising_strength", "denoise; unset: the node's widget (default 0.1)"),
     ("steps", "steps=0 or unset: the node's steps widget; A1111 img2img semantics: t_enc + 1 steps run"),

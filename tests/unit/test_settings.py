@@ -1,4 +1,4 @@
-"""Tests of the local only-upscale settings (spec section 3): values, A1111 step semantics, the applied account."""
+"""Tests of the local only-upscale settings (docs/astria-syntax.md section 7): values, A1111 step semantics, the applied account."""
 
 import pytest
 from hypothesis import given, settings

@@ -1,4 +1,4 @@
-"""Tests of the Astria prompt parser (spec section 1): every rule, the round trip, and fuzzing."""
+"""Tests of the Astria prompt parser (docs/astria-syntax.md sections 1-5): every rule, the round trip, and fuzzing."""
 
 import math
 import pickle
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from comfyui_astria.nodes.core import spec_tables
 from comfyui_astria.nodes.core.syntax import AstriaPrompt, AstriaSyntaxError, FrozenMap, format_prompt, parse_prompt
 
-# Astria's docs, use-cases/upscale.md (also the block in spec section 1).
+# Astria's docs, use-cases/upscale.md (also the block in docs/astria-syntax.md section 1).
 UPSCALE_EXAMPLE = """\
 masterpiece, best quality, highres, <lora:more_details:0.5> <lora:SDXLrender_v2.0:1> --only_upscale
 num_images=1

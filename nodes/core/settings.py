@@ -1,4 +1,4 @@
-"""AstriaPrompt -> the settings of a local only-upscale run (spec section 3): sampler, steps, seeds, size, weighting.
+"""AstriaPrompt -> the settings of a local only-upscale run (docs/astria-syntax.md section 7): sampler, steps, seeds, size, weighting.
 
 Every flag and param of the prompt lands in `applied` or in `not_applied` (with the reason), never silently
 dropped. Pure: no ComfyUI, no random numbers (an unset seed takes the node's seed widget).
@@ -12,7 +12,7 @@ from typing import Any
 
 from . import spec_tables as tables
 from .names import shorten
-from .syntax import AstriaPrompt, FrozenMap, format_prompt
+from .syntax import AstriaPrompt, format_flag, format_param_line
 
 WEIGHTING_MODES = ("a1111", "comfy", "none")
 OFF = "off: nothing to do"
@@ -214,12 +214,7 @@ def _check_defaults(defaults: SamplerDefaults) -> None:
 
 def _item(prompt: AstriaPrompt, key: str) -> str:
     """A param as written in the canonical block, e.g. `steps=16`, `seed=`."""
-    return format_prompt(AstriaPrompt(params=FrozenMap({key: prompt.params[key]}))).split("\n")[1]
-
-
-def _flag_item(name: str, value: Any) -> str:
-    """A flag as written in the canonical block, e.g. `--resemblance 0.65`."""
-    return format_prompt(AstriaPrompt(flags=FrozenMap({name: value}))).strip()
+    return format_param_line(key, prompt.params[key])
 
 
 def _short(number: float) -> str:
@@ -289,7 +284,7 @@ def _size(prompt: AstriaPrompt, defaults: SamplerDefaults, notes: _Notes) -> tup
 
 
 def weighting_from_prompt(prompt: AstriaPrompt) -> str:
-    """The prompt's own weighting mode (spec section 2): use_lpw true or unset -> a1111, false -> none."""
+    """The prompt's own weighting mode (docs/astria-syntax.md section 6): use_lpw true or unset -> a1111, false -> none."""
     return "none" if prompt.param("use_lpw") is False else "a1111"
 
 
@@ -318,10 +313,10 @@ def _control(prompt: AstriaPrompt, defaults: SamplerDefaults, notes: _Notes) -> 
     strength = None
     if resemblance is not None:
         if connected:
-            notes.applied(_flag_item("resemblance", resemblance), f"tile ControlNet strength {_short(resemblance)}")
+            notes.applied(format_flag("resemblance", resemblance), f"tile ControlNet strength {_short(resemblance)}")
             strength = float(resemblance)
         else:
-            notes.not_applied(_flag_item("resemblance", resemblance), tables.NO_CONTROL_NET_REASON)
+            notes.not_applied(format_flag("resemblance", resemblance), tables.NO_CONTROL_NET_REASON)
     if "controlnet_conditioning_scale" in prompt.params:
         item = _item(prompt, "controlnet_conditioning_scale")
         if scale is None:
@@ -392,7 +387,7 @@ def _remaining_params(prompt: AstriaPrompt, notes: _Notes) -> None:
 def _flags(prompt: AstriaPrompt, notes: _Notes) -> None:
     """Flags: --only_upscale is expected; hires_* belong to --tiled_upscale; the rest run only remotely."""
     for name, value in prompt.flags.items():
-        item = _flag_item(name, value)
+        item = format_flag(name, value)
         if name == "only_upscale":
             notes.applied(item, "an only-upscale run, as this node does")
         elif name in tables.CONTROL_NET_FLAGS:

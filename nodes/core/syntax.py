@@ -1,8 +1,46 @@
 """Astria prompt text -> AstriaPrompt (tags, flags, key=value params) and back; pure, linear time, no ComfyUI.
 
-The grammar is spec section 1 (/shared/astria-syntax.md). Where the spec is silent, the rule chosen is written in
-the docstring of the function that applies it. Every bad input raises AstriaSyntaxError (a ValueError) naming the
-line, the column and the fix; nothing else is ever raised for text input.
+The whole grammar (the full spec, with the reasons, is docs/astria-syntax.md sections 1-5; the tables named here
+live in spec_tables.py):
+
+    block       = line ("\n" line)*          CRLF/CR -> LF; a leading BOM and inner zero-width characters
+                                              (U+200B, U+2060, U+FEFF) are dropped, with a warning
+    prompt      = the lines before the first param line; line 1 is always prompt text
+    param line  = KEY "=" VALUE               KEY = [A-Za-z_][A-Za-z0-9_]*, split at the first "=", both trimmed
+
+  In the prompt lines:
+    tag         = "<" ("lora" | "faceid") ":" NAME [":" WEIGHT] ">"
+                  tag word in any case; the weight is split at the LAST colon, absent = 1.0, a finite number;
+                  NAME as written, checked by names.unsafe_name_reason (no "..", leading slash, drive, NUL);
+                  "<lora" + letter/digit/_/- is text ("<lora-neg>"); "<lora" + anything but ":" is an error;
+                  a tag ends on its own line; tags are cut out of the positive text
+    flag        = "--" NAME   at the start of a line or after whitespace ("a--b" and a lone "--" are text),
+                  then "=" or whitespace, then a value by its kind (FLAG_KINDS; unknown flags are WORDS):
+        BOOLEAN    no value ("--name=true|false" too; =false removes it); text after it stays prompt text
+        ONE_VALUE  one token, or one "quoted string"; typed by FLAG_VALUE_TYPES (float, int, number_or_percent,
+                   string); "-20" and "-20%" are values; a missing value is an error
+        WORDS      words up to the next flag or the end of the line; "quotes" group (a --x inside is text) and
+                   are removed; a known WORDS flag without words is an error, an unknown one is True
+    positive    = what remains, every whitespace run collapsed to one space; written_text keeps the lines as
+                  pasted (what the remote node sends)
+
+  In the param lines:
+    VALUE       = empty or "undefined" (any case): unset (None); "0" and "false" are values
+                  typed by PARAM_TYPES: int, float, bool (true/false, any case), else string;
+                  ranges are PARAM_RANGES (inclusive, errors, never clamped); w/h positive multiples of 8
+    negative_prompt=...   continues over the following lines that hold no KEY=; its tags are plain text
+    known keys match in any case; unknown keys are kept with a warning; a later duplicate wins (warned);
+    blank lines are skipped; any other line without a key is ignored with a warning saying why
+
+  Errors and warnings:
+    every refusal is AstriaSyntaxError(line, column, problem, fix) (a ValueError), 1-based; nothing else is raised
+    for text input; a decimal comma ("0,5") gets the dotted number as its fix; lookalike dashes ("\u2014only_upscale")
+    stay text with a warning; at most MAX_WARNINGS warnings are kept, the rest are counted
+
+  Formatting (format_prompt) writes the canonical block: positive text, tags, flags on line 1 (format_flag),
+  then negative_prompt= and the params (format_param_line); parse_prompt(format_prompt(p)) == p.
+
+Where the spec is silent, the rule chosen is written in the docstring of the function that applies it ("Ours").
 """
 
 from __future__ import annotations
@@ -452,15 +490,19 @@ def _read_token(line: str, start: int, line_number: int, column: int, name: str)
     if start < len(line) and line[start] == '"':
         close = line.find('"', start + 1)
         if close < 0:
-            raise AstriaSyntaxError(
-                line_number, start + 1, f"the quote opened in the value of --{name} is never closed",
-                'close it with " on the same line',
-            )
+            raise _unclosed_quote(line_number, start + 1, name)
         return _tidy(line[start + 1:close]), close + 1
     end = start
     while end < len(line) and not line[end].isspace():
         end += 1
     return line[start:end], end
+
+
+def _unclosed_quote(line_number: int, column: int, name: str) -> AstriaSyntaxError:
+    """The error for a `"` in a flag's value that its line never closes."""
+    return AstriaSyntaxError(
+        line_number, column, f"the quote opened in the value of --{name} is never closed", 'close it with " on the same line'
+    )
 
 
 def _typed_flag_value(name: str, token: str, line_number: int, column: int) -> Any:
@@ -508,10 +550,7 @@ def _words_flag_value(line: str, start: int, name: str, line_number: int, column
             return _tidy("".join(parts)), flag_at
         close = line.find('"', quote + 1)
         if close < 0:
-            raise AstriaSyntaxError(
-                line_number, quote + 1, f"the quote opened in the value of --{name} is never closed",
-                'close it with " on the same line',
-            )
+            raise _unclosed_quote(line_number, quote + 1, name)
         parts.append(line[position:quote])
         parts.append(line[quote + 1:close])
         position = close + 1
@@ -692,11 +731,11 @@ def format_prompt(prompt: AstriaPrompt) -> str:
     first_line = [prompt.positive] if prompt.positive else []
     first_line += [f"<lora:{name}:{_format_number(weight)}>" for name, weight in prompt.loras]
     first_line += [f"<faceid:{name}:{_format_number(weight)}>" for name, weight in prompt.faceids]
-    first_line += [_format_flag(name, value) for name, value in prompt.flags.items()]
+    first_line += [format_flag(name, value) for name, value in prompt.flags.items()]
     lines = [" ".join(first_line)]
     if prompt.negative_prompt:
         lines.append(f"negative_prompt={prompt.negative_prompt}")
-    lines += [f"{key}={_format_param(value)}" for key, value in prompt.params.items()]
+    lines += [format_param_line(key, value) for key, value in prompt.params.items()]
     return "\n".join(lines)
 
 
@@ -705,8 +744,8 @@ def _format_number(number: float) -> str:
     return repr(float(number))
 
 
-def _format_flag(name: str, value: Any) -> str:
-    """`--name` for True, `--name VALUE` otherwise, quoted when the value would not read back alone."""
+def format_flag(name: str, value: Any) -> str:
+    """One flag as the canonical block writes it: `--name` for True, `--name VALUE` otherwise, quoted when the value would not read back alone."""
     if value is True:
         return f"--{name}"
     if isinstance(value, float):
@@ -718,6 +757,11 @@ def _format_flag(name: str, value: Any) -> str:
     if kind == tables.WORDS and '"' in value:
         needs_quotes = False  # parsed words never hold a quote; kept for hand-built prompts
     return f'--{name} "{value}"' if needs_quotes else f"--{name} {value}"
+
+
+def format_param_line(key: str, value: Any) -> str:
+    """One param as the canonical block writes it, e.g. `steps=16`, `seed=` (unset)."""
+    return f"{key}={_format_param(value)}"
 
 
 def _format_param(value: Any) -> str:

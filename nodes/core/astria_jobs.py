@@ -42,6 +42,53 @@ from .astria_transport import (
 logger = logging.getLogger("astria")
 
 
+@dataclass(frozen=True)
+class PromptRecord:
+    """One of Astria's prompt objects, read once: the fields the job logic uses (docs/astria-syntax.md section 8).
+
+    Only `id` must be there; the rest is kept as Astria wrote it, or None when missing or unreadable.
+    """
+
+    id: int
+    text: Any = None
+    seed: Optional[int] = None  # None when Astria's seed is missing or not a whole number
+    negative_prompt: Any = None
+    created_at: Any = None  # as written, for messages; `created` is the parsed time
+    images: Any = None
+    user_error: Any = None
+
+    @classmethod
+    def from_json(cls, prompt: Mapping[str, Any]) -> "PromptRecord":
+        """Read a prompt object from a create, get or list answer (raises KeyError/ValueError without an id)."""
+        try:
+            seed = int(prompt.get("seed"))
+        except (TypeError, ValueError):
+            seed = None
+        return cls(id=int(prompt["id"]), text=prompt.get("text"), seed=seed,
+                   negative_prompt=prompt.get("negative_prompt"), created_at=prompt.get("created_at"),
+                   images=prompt.get("images"), user_error=prompt.get("user_error"))
+
+    @property
+    def created(self) -> Optional[float]:
+        """When Astria created the prompt (epoch seconds), or None when `created_at` is missing or unreadable."""
+        return parse_time(self.created_at)
+
+    def identity(self) -> Optional[tuple[str, int, str]]:
+        """(text, seed, negative prompt) as a lookup matches them, whitespace normalised; None without a seed."""
+        if self.seed is None:
+            return None
+        return normalized_text(self.text), self.seed, normalized_text(self.negative_prompt)
+
+    def image_urls(self) -> Optional[list[str]]:
+        """The rendered images' URLs ([] while rendering); None when `images` is not a list of URLs."""
+        if not self.images:
+            return []
+        if not isinstance(self.images, list):
+            return None
+        urls = [item.get("url") if isinstance(item, dict) else item for item in self.images]
+        return urls if all(isinstance(url, str) and url for url in urls) else None
+
+
 @dataclass
 class JobResult:
     """What one remote job delivered: the prompt, the seed it was actually created with, and the images."""
@@ -93,19 +140,17 @@ class AstriaClient(AstriaTransport):
         deadline_at = started + limit_s
         step = f"rendering prompt {prompt_id}"
         while True:
-            prompt = await self.get_prompt(prompt_id, deadline=deadline_at, cancelled=cancelled)
-            user_error = prompt.get("user_error")
-            if user_error:
-                text = self._scrub(str(user_error))
+            prompt = PromptRecord.from_json(await self.get_prompt(prompt_id, deadline=deadline_at,
+                                                                  cancelled=cancelled))
+            if prompt.user_error:
+                text = self._scrub(str(prompt.user_error))
                 raise AstriaPromptFailed(f"Astria could not run prompt {prompt_id}: {text}", prompt_id, text)
-            images = prompt.get("images") or []
-            if images:
-                urls = [item.get("url") if isinstance(item, dict) else item
-                        for item in (images if isinstance(images, list) else [images])]
-                if not isinstance(images, list) or not all(isinstance(url, str) and url for url in urls):
-                    raise AstriaProtocolError(
-                        f"Prompt {prompt_id} lists images that are not URLs ({self._scrub(str(images))[:120]!r}). "
-                        f"The prompt is kept; running the same image again reads it again without paying.")
+            urls = prompt.image_urls()
+            if urls is None:
+                raise AstriaProtocolError(
+                    f"Prompt {prompt_id} lists images that are not URLs ({self._scrub(str(prompt.images))[:120]!r}). "
+                    f"The prompt is kept; running the same image again reads it again without paying.")
+            if urls:
                 return urls
             now = self._clock()
             if on_poll is not None:
@@ -117,44 +162,37 @@ class AstriaClient(AstriaTransport):
 
     async def find_prompt(self, tune_id: int, text: str, seed: int, negative_prompt: Optional[str], *,
                           since_wall: float, exclude: set[int], cancelled: Optional[CancelCheck] = None
-                          ) -> Optional[dict]:
+                          ) -> Optional[PromptRecord]:
         """Look a prompt up by (text, seed, negative prompt) among unclaimed prompts created since `since_wall`."""
         window_start = self._server_time(since_wall) - self.clock_slack_s
         wanted = (normalized_text(text), int(seed), normalized_text(negative_prompt))
-        matches: list[dict] = []
+        matches: list[PromptRecord] = []
         before_id = None
         for _page in range(LIST_MAX_PAGES):
             page = await self.list_prompts(tune_id, before_id=before_id, limit=LIST_PAGE_SIZE, cancelled=cancelled)
             reached_older = False
-            for prompt in page:
-                created = parse_time(prompt.get("created_at"))
-                if created is not None and created < window_start:
+            records = [PromptRecord.from_json(prompt) for prompt in page]
+            for prompt in records:
+                if prompt.created is not None and prompt.created < window_start:
                     reached_older = True
                     continue
-                if int(prompt["id"]) in exclude:
-                    continue
-                try:
-                    found = (normalized_text(prompt.get("text")), int(prompt.get("seed")),
-                             normalized_text(prompt.get("negative_prompt")))
-                except (TypeError, ValueError):
-                    continue
-                if found == wanted:
+                if prompt.id not in exclude and prompt.identity() == wanted:
                     matches.append(prompt)
             if reached_older or len(page) < LIST_PAGE_SIZE:
                 break
-            before_id = min(int(prompt["id"]) for prompt in page)
+            before_id = min(prompt.id for prompt in records)
         if len(matches) > 1:
             logger.warning("Astria lists %d unclaimed prompts matching seed %d on tune %s; taking the oldest.",
                            len(matches), seed, tune_id)
-        return min(matches, key=lambda prompt: int(prompt["id"])) if matches else None
+        return min(matches, key=lambda prompt: prompt.id) if matches else None
 
-    def _refusal_reason(self, prompt: dict, started_wall: float) -> Optional[str]:
-        prompt_id = int(prompt["id"])
-        if self.journal.prompt_owner(prompt_id) is not None:
-            return f"prompt {prompt_id} already belongs to another request in the job journal"
-        created = parse_time(prompt.get("created_at"))
+    def _refusal_reason(self, prompt: PromptRecord, started_wall: float) -> Optional[str]:
+        """Why a prompt Astria answered a create with is not this request's, or None when it is."""
+        if self.journal.prompt_owner(prompt.id) is not None:
+            return f"prompt {prompt.id} already belongs to another request in the job journal"
+        created = prompt.created
         if created is not None and created < self._server_time(started_wall) - self.clock_slack_s:
-            return (f"prompt {prompt_id} was created at {prompt.get('created_at')}, before this request began "
+            return (f"prompt {prompt.id} was created at {prompt.created_at}, before this request began "
                     "(Astria's idempotency returned an earlier prompt with the same settings)")
         return None
 
@@ -189,8 +227,8 @@ class AstriaClient(AstriaTransport):
             started_wall = self._wall_clock()
             report("creating", f"Creating the prompt on Astria (seed {attempt.seed})")
             try:
-                prompt = await self.create_prompt(tune_id, {**fields, "seed": attempt.seed}, image_png,
-                                                  cancelled=cancelled)
+                prompt = PromptRecord.from_json(await self.create_prompt(
+                    tune_id, {**fields, "seed": attempt.seed}, image_png, cancelled=cancelled))
             except AstriaAmbiguousCreate as exc:
                 ambiguous += 1
                 logger.warning("Astria: %s Waiting %.0f s, then looking it up instead of sending it again.", exc,
@@ -218,7 +256,7 @@ class AstriaClient(AstriaTransport):
             if reason is None:
                 return self._claim(attempt, prompt, report, "created")
             seed_moves += 1
-            self.journal.record("refused", attempt, prompt_id=int(prompt["id"]), reason=reason)
+            self.journal.record("refused", attempt, prompt_id=prompt.id, reason=reason)
             if seed_moves > self.max_seed_moves:
                 self.journal.record("failed", attempt, error="duplicate prompts refused", created=False)
                 raise AstriaDuplicateRefused(
@@ -232,7 +270,7 @@ class AstriaClient(AstriaTransport):
             report("creating", notice)
 
     async def _settle_and_find(self, attempt: Attempt, tune_id: int, text, negative, since_wall: float,
-                               settle_s: float, cancelled, report) -> Optional[dict]:
+                               settle_s: float, cancelled, report) -> Optional[PromptRecord]:
         report("settling", f"Astria's answer to the create was lost; waiting {settle_s:.0f} s, then looking for the "
                            "prompt instead of paying twice")
         await sleep_checked(self._sleep_fn, settle_s, cancelled, lambda: AstriaCancelled(None, maybe_created=True))
@@ -249,8 +287,8 @@ class AstriaClient(AstriaTransport):
                               "already exist on Astria and may be billed; nothing was sent again. Running the same "
                               "image again looks it up before creating anything.") from None
 
-    def _claim(self, attempt: Attempt, prompt: dict, report, how: str) -> int:
-        prompt_id = int(prompt["id"])
+    def _claim(self, attempt: Attempt, prompt: PromptRecord, report, how: str) -> int:
+        prompt_id = prompt.id
         self.journal.record("created", attempt, prompt_id=prompt_id)
         logger.info("Astria prompt %d %s (seed %d).", prompt_id, how, attempt.seed)
         report("created", f"Prompt {prompt_id} {how} on Astria (seed {attempt.seed})")

@@ -30,6 +30,9 @@ BREAK_WEIGHT = -1.0
 # pattern gives text and tokens alternately, much faster than a match per token.
 _DELIMITER = re.compile(r"(\\[()\[\]\\]?|[(\[]|:[+-]?[.\d]+\)|[)\]]|:)")
 _BREAK_WORD = re.compile(r"\bBREAK\b")
+# Escapes, round brackets and the `:N)` that A1111 1.6 and ComfyUI also read with spaces around N (`(dog: 1.2)`):
+# the tokens `spaced_weights` follows.
+_ROUND_TOKEN = re.compile(r"\\[()\[\]\\]?|\(|:\s*[+-]?[.\d]+\s*\)|\)")
 
 
 class AttentionSyntaxError(ValueError):
@@ -343,6 +346,37 @@ def _explicit_weight(text: str, token: str, offset: int) -> float:
             text, offset + 1, f"the weight {written!r} in '{token}' is not a number",
             "write a weight like (text:1.2), or \\( and \\) for literal brackets",
         ) from None
+
+
+class SpacedWeight(NamedTuple):
+    """`(dog: 1.2)`: a weight with a space before or after it, which our parser (and Astria's) reads as text."""
+
+    offset: int
+    written: str  # from the round bracket to the closing one, as written
+    meant: str  # the same without the spaces, which is read as a weight
+
+
+def spaced_weights(text: str) -> list[SpacedWeight]:
+    """Round groups whose weight has spaces around it: text at 1.1 here, as in pre-1.6 A1111 and diffusers' LPW.
+
+    Current A1111 (`:\\s*([+-]?[.\\d]+)\\s*\\)`) and ComfyUI read them as weights; this parser keeps the older
+    rule, which Astria's weighted prompts (diffusers' long-prompt-weighting pipelines) follow.
+    """
+    found = []
+    opened: list[int] = []
+    for match in _ROUND_TOKEN.finditer(text):
+        token = match.group()
+        if token == "(":
+            opened.append(match.start())
+        elif token[0] == "\\" or not opened:
+            continue
+        else:
+            start = opened.pop()
+            if token[0] == ":" and token != re.sub(r"\s", "", token):
+                written = text[start:match.end()]
+                meant = written[:match.start() - start] + re.sub(r"\s", "", token)
+                found.append(SpacedWeight(start, written, meant))
+    return found
 
 
 def is_chunk_break(text: str, weight: float) -> bool:

@@ -164,9 +164,9 @@ class _Pieces:
         else:
             self.texts.append(text)
 
-    def add_run(self, run: str, offset: int) -> None:
+    def add_run(self, run: str, offset: int, breaks: bool = True) -> None:
         """Append a run of plain text, cutting out whole-word BREAKs (weight -1, multiplied like any piece)."""
-        if BREAK_TEXT not in run:
+        if not breaks or BREAK_TEXT not in run:
             self.add(run, offset)
             return
         for index, part in enumerate(_split_breaks(run)):
@@ -304,15 +304,19 @@ class _Pieces:
         return merged or [("", 1.0)]
 
 
-def parse_attention(text: str) -> list[tuple[str, float]]:
-    """Split A1111 prompt text into (text, weight) pieces exactly as A1111's parse_prompt_attention does."""
+def parse_attention(text: str, breaks: bool = True) -> list[tuple[str, float]]:
+    """Split A1111 prompt text into (text, weight) pieces exactly as A1111's parse_prompt_attention does.
+
+    `breaks=False` keeps BREAK as plain text, as diffusers' SD1.x long-prompt-weighting parser (otherwise the same
+    grammar) does.
+    """
     pieces = _Pieces(text)
     parts = _DELIMITER.split(text)
     offset = 0
     for index in range(0, len(parts), 2):
         run = parts[index]
         if run:
-            pieces.add_run(run, offset)
+            pieces.add_run(run, offset, breaks)
             offset += len(run)
         if index + 1 == len(parts):
             break

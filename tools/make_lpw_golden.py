@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write tests/unit/data/lpw_golden.json: diffusers' own long-prompt-weighting functions run on fixed fakes.
 
-    PYTHON tools/make_lpw_golden.py DIFFUSERS_CHECKOUT [OUT_JSON]
+    PYTHON tools/make_lpw_golden.py DIFFUSERS_CHECKOUT [OUT_JSON] [--clip-tokenizer DIR]
 
 DIFFUSERS_CHECKOUT is a git checkout (or a bare clone) of huggingface/diffusers; its
 examples/community/lpw_stable_diffusion.py (`get_weighted_text_embeddings`, as the pipeline calls it:
@@ -11,7 +11,9 @@ encoders of tests/support/lpw_fakes.py; its HEAD commit, and the commit that las
 recorded. PYTHON needs torch, transformers and
 diffusers (for instance the host venv with PYTHONPATH pointing at a `pip install --target` folder of diffusers;
 never install into the host venv). The chunks each encoder was called with and the weighted outputs are saved;
-nothing of diffusers' code is copied here.
+nothing of diffusers' code is copied here. With a real CLIP tokenizer (DIR: ComfyUI's comfy/sd1_tokenizer, the
+default) the token ids and weights both pipelines give a few real prompts are saved too ("real_tokenizer"), for the
+host test that compares the host tokenizer's.
 """
 import argparse
 import importlib.util
@@ -102,6 +104,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkout", type=Path)
     parser.add_argument("out", type=Path, nargs="?", default=DEFAULT_OUT)
+    parser.add_argument("--clip-tokenizer", type=Path, default=Path.home() / ".cache" / "comfyui-astria" /
+                        "host-0.3.75" / "ComfyUI" / "comfy" / "sd1_tokenizer")
     args = parser.parse_args()
     commit = git(args.checkout, "rev-parse", "HEAD").strip()
     files = [f"{COMMUNITY}/lpw_stable_diffusion.py", f"{COMMUNITY}/lpw_stable_diffusion_xl.py"]
@@ -132,6 +136,16 @@ def main():
                                 "positive_pooled": [number(v) for v in out[2][0]],
                                 "negative_pooled": [number(v) for v in out[3][0]]}
             cases.append(case)
+    from transformers import CLIPTokenizer
+
+    clip_tokenizer = CLIPTokenizer.from_pretrained(str(args.clip_tokenizer))
+    pipe = type("Pipe", (), {"tokenizer": clip_tokenizer})()
+    real = []
+    for text in lpw_fakes.REAL_TOKENIZER_PROMPTS:
+        (sd1_tokens,), (sd1_weights,) = sd1.get_prompts_with_weights(pipe, [text], 225)
+        sdxl_tokens, sdxl_weights = sdxl.get_prompts_tokens_with_weights(clip_tokenizer, text)
+        real.append({"text": text, "sd1": [sd1_tokens, [float(w).hex() for w in sd1_weights]],
+                     "sdxl": [sdxl_tokens, [float(w).hex() for w in sdxl_weights]]})
     golden = {
         "about": "Outputs of diffusers' long-prompt-weighting community pipelines at commit " + commit + " "
                  "(the two files last changed in " + changed + ") "
@@ -145,6 +159,7 @@ def main():
         "files_changed_in": changed,
         "fingerprint": lpw_fakes.golden_fingerprint(),
         "cases": cases,
+        "real_tokenizer": real,
     }
     args.out.write_text(json.dumps(golden, separators=(",", ":")) + "\n", encoding="ascii")
     print(f"{len(cases)} cases -> {args.out} ({args.out.stat().st_size} bytes)")

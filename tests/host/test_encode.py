@@ -1,4 +1,5 @@
 """Astria Encode on the test models: A1111's emphasis formula, ComfyUI's and no weighting, BREAK, embeddings, SDXL."""
+import json
 import shutil
 import subprocess
 import sys
@@ -187,6 +188,24 @@ def test_lpw_sd1_weights_all_chunks_together_and_pads_the_negative_to_as_many(co
     assert torch.allclose(positive[0][0][0], expected, atol=TOLERANCE)
     assert negative[0][0].shape == (1, 2 * CHUNK, 768)  # padded to the positive's two chunks, as diffusers does
     assert "positive: 2 chunks of 75 tokens" in notes and "weighting lpw" in notes
+
+
+def test_lpw_tokens_from_the_host_tokenizer_are_diffusers_own(comfy_host, sd15):
+    """diffusers' LPW tokenization with the real CLIP tokenizer (data/lpw_golden.json) = ours with the host's."""
+    from comfyui_astria.nodes.comfy import encode as encode_module
+    from comfyui_astria.nodes.core import prompt_tokens
+    from comfyui_astria.nodes.core.embeddings import embedding_index
+
+    _, clip, _ = sd15
+    (encoder,) = encode_module.clip_encoders(clip)
+    vocabulary = encode_module._ClipVocabularies([encoder]).vocabulary(*encoder)
+    golden = json.loads((paths.PACK_ROOT / "tests" / "unit" / "data" / "lpw_golden.json").read_text())
+    assert len(golden["real_tokenizer"]) >= 4
+    for case in golden["real_tokenizer"]:
+        for family, breaks, limit in (("sd1", False, 225), ("sdxl", True, None)):
+            items = prompt_tokens.lpw_tokens(case["text"], vocabulary, embedding_index(()), breaks=breaks)[:limit]
+            assert [token for token, _ in items] == case[family][0], (family, case["text"])
+            assert [float(weight).hex() for _, weight in items] == case[family][1], (family, case["text"])
 
 
 def test_lpw_sd1_drops_tokens_beyond_225_and_says_so(comfy_host, sd15):

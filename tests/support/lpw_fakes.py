@@ -60,6 +60,15 @@ GOLDEN_PROMPTS = [
 tokens, SD1.x's 225-token cut, a longer negative, weights float16 rounds (1.0001 to 1.0), escapes."""
 
 
+REAL_TOKENIZER_PROMPTS = [
+    "masterpiece, best quality, highres, (worst quality, low quality, normal quality:2) JuggernautNegative-neg",
+    "a (dog: 1.2) cat, [[blurry]], (red:1.5) BREAK (blue BREAK sky:0.8), \\(literal\\) [unclosed",
+    "photo of a caf\u00e9, na\u00efve art, \u6771\u4eac, emoji \U0001f44d, CAPS and-hyphens 3.5mm",
+    "highly detailed, " * 80 + "(end:1.3)",
+]
+"""Prompts whose tokens diffusers' LPW tokenization gives with the real CLIP tokenizer (host test of ours)."""
+
+
 def golden_fingerprint() -> str:
     """A digest of the fakes' outputs on fixed ids, stored with the golden data to show both sides built the same."""
     import torch

@@ -1,7 +1,8 @@
-"""Astria Encode: the prompt's positive and negative text as CONDITIONING, weighted like A1111 (or ComfyUI, or not).
+"""Astria Encode: the prompt's positive and negative text as CONDITIONING, weighted like Astria's use_lpw (diffusers'
+long-prompt-weighting pipelines), A1111, ComfyUI, or not at all.
 
-Glue only: the host's tokenizers and encoders do the tokenizing and encoding; A1111's chunking and emphasis are
-nodes/core/attention.py and prompt_tokens.py, bare embedding names nodes/core/embeddings.py.
+Glue only: the host's tokenizers and encoders do the tokenizing and encoding; A1111's and diffusers' chunking and
+weighting are nodes/core/attention.py and prompt_tokens.py, bare embedding names nodes/core/embeddings.py.
 """
 import logging
 
@@ -16,12 +17,13 @@ from .types import AstriaPromptType
 
 log = logging.getLogger("astria")
 FROM_PROMPT = "from prompt"
-WEIGHTING_CHOICES = [FROM_PROMPT, "a1111", "comfy", "none"]
+WEIGHTING_CHOICES = [FROM_PROMPT, *settings.WEIGHTING_MODES]
 COMMA_TOKEN_TEXT = ",</w>"  # how CLIP's vocabulary spells a comma ending a word
 
 
 def weighting_for(prompt, choice):
-    """The weighting mode: the node's choice, or from the prompt's use_lpw (docs/astria-syntax.md section 6: false -> none)."""
+    """The weighting mode: the node's choice, or from the prompt's use_lpw (docs/astria-syntax.md section 6: true or
+    unset -> lpw, false -> none)."""
     if choice != FROM_PROMPT:
         return choice
     return settings.weighting_from_prompt(prompt)
@@ -123,6 +125,67 @@ def _a1111_conditioning(clip, encoders, vocabularies, text, index):
     return [[prompt_tokens.a1111_weighted(cond, widths), encoded]], len(chunks[encoders[0][0]])
 
 
+EMPTY_NEGATIVE_ZEROED = (
+    "empty on SDXL: cross-attention and pooled output are zeros, as A1111 does for an empty negative prompt "
+    "(force_zero_negative_prompt; the size embeddings are kept)"
+)
+
+
+def _lpw_conditioning(clip, encoders, vocabularies, texts, index, notes):
+    """Diffusers' long-prompt-weighting: both prompts chunked together, each encoded unweighted, then weighted."""
+    for label, text in texts.items():
+        try:
+            attention.parse_attention(text)
+        except attention.AttentionSyntaxError as error:
+            raise ValueError(f"Astria Encode, {label} prompt: {error}") from error
+    sdxl = len(encoders) == 2
+    chunker = prompt_tokens.lpw_sdxl_chunks if sdxl else prompt_tokens.lpw_sd1_chunks
+    chunks = {key: chunker(texts["positive"], texts["negative"], vocabularies.vocabulary(key, sub, encoder), index)
+              for key, sub, encoder in encoders}
+    if len({(len(each.positive), each.last_length) for each in chunks.values()}) > 1:
+        raise ValueError("Astria Encode: an embedding with a different number of vectors per text encoder gives "
+                         "the text encoders different chunks; use weighting a1111 or comfy for this prompt")
+    first = chunks[encoders[0][0]]
+    conditionings = []
+    for number, label in enumerate(texts):
+        tokens = {key: [[(token, 1.0) for token in chunk.tokens] for chunk in each[number]]
+                  for key, each in chunks.items()}
+        encoded = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+        cond = encoded.pop("cond")
+        try:
+            if sdxl:
+                cond = prompt_tokens.lpw_sdxl_weighted(cond, first[number], first.last_length)
+                if len(first[number]) > 1:  # diffusers' SDXL pooled output is its last chunk's
+                    last = {key: key_tokens[-1:] for key, key_tokens in tokens.items()}
+                    encoded["pooled_output"] = clip.encode_from_tokens(last, return_pooled=True)[1]
+            else:
+                cond = prompt_tokens.lpw_sd1_weighted(cond, first[number])
+        except ValueError as error:
+            raise ValueError(f"Astria Encode, {label} prompt: {error}") from error
+        conditionings.append([[cond, encoded]])
+        count = len(first[number])
+        notes.append(f"{label}: {count} chunk{'s' if count != 1 else ''} of 75 tokens"
+                     + (f", the last one {first.last_length - 2} tokens" if first.last_length < 77 else ""))
+        if first.cut[number]:
+            notes.append(f"{label}: {first.cut[number]} tokens beyond {75 * prompt_tokens.LPW_MAX_CHUNKS} dropped, "
+                         "as diffusers' SD1.x long-prompt-weighting pipeline drops them (max_embeddings_multiples 3)")
+        if any(attention.is_chunk_break(*piece) or attention.is_bracketed_break(*piece)
+               for piece in attention.parse_attention(texts[label])):
+            notes.append(f"{label}: BREAK does not start a chunk in lpw mode: "
+                         + ("it is the word BREAK at weight -1, as diffusers' SDXL pipeline encodes it" if sdxl
+                            else "it is plain text, as diffusers' SD1.x pipeline reads it"))
+    return conditionings
+
+
+def _zeroed(conditioning):
+    """The conditioning with its cross-attention and pooled output made zeros (other entries kept)."""
+    [[cond, extra]] = conditioning
+    extra = dict(extra)
+    if extra.get("pooled_output") is not None:
+        extra["pooled_output"] = extra["pooled_output"].new_zeros(extra["pooled_output"].shape)
+    return [[cond.new_zeros(cond.shape), extra]]
+
+
 def _encode_one(clip, encoders, vocabularies, text, weighting, index, label, notes):
     """CONDITIONING of one prompt text in the weighting mode; attention syntax errors name the text."""
     try:
@@ -137,6 +200,9 @@ def _encode_one(clip, encoders, vocabularies, text, weighting, index, label, not
             notes.append(f"{label}: {chunk_count} chunk{'s' if chunk_count != 1 else ''} of 75 tokens")
             if any(attention.is_bracketed_break(*piece) for piece in attention.parse_attention(text)):
                 notes.append(f"{label}: {attention.BRACKETED_BREAK_WARNING}")
+            if label == "negative" and text == "" and len(encoders) == 2:
+                notes.append(f"{label}: {EMPTY_NEGATIVE_ZEROED}")
+                return _zeroed(conditioning)
             return conditioning
     except attention.AttentionSyntaxError as error:
         raise ValueError(f"Astria Encode, {label} prompt: {error}") from error
@@ -153,26 +219,29 @@ def encode_prompt(clip, prompt, weighting):
     texts = {"positive": prompt.positive, "negative": prompt.negative_prompt or ""}
     encoders = clip_encoders(clip)
     notes = [f"weighting {weighting}"]
-    if encoders is None and weighting == "a1111":
+    if encoders is None and weighting in ("a1111", "lpw"):
         notes.append(f"{type(clip.cond_stage_model).__name__} is not a CLIP-L/CLIP-G text encoder: A1111 weights "
                      "have no meaning there, so the text is encoded without them (brackets and weights dropped)")
     if encoders is None:
         notes.append("bare embedding names are looked up only for SD1.x and SDXL text encoders")
-    elif weighting == "a1111" and clip.use_clip_schedule and clip.patcher.forced_hooks is not None:
-        notes.append("scheduled CLIP hooks are not applied in a1111 mode (use comfy or none for them)")
+    elif weighting in ("a1111", "lpw") and clip.use_clip_schedule and clip.patcher.forced_hooks is not None:
+        notes.append(f"scheduled CLIP hooks are not applied in {weighting} mode (use comfy or none for them)")
     vocabularies = _ClipVocabularies(encoders or [])
     index = host_embedding_index(encoders, vocabularies, texts.values(), notes)
     for label, text in texts.items():
         notes += [f"{label}: {warning}" for warning in embeddings.missing_embedding_warnings(text, index)]
-    positive, negative = (_encode_one(clip, encoders, vocabularies, text, weighting, index, label, notes)
-                          for label, text in texts.items())
+    if weighting == "lpw" and encoders is not None:
+        positive, negative = _lpw_conditioning(clip, encoders, vocabularies, texts, index, notes)
+    else:
+        positive, negative = (_encode_one(clip, encoders, vocabularies, text, weighting, index, label, notes)
+                              for label, text in texts.items())
     for note in notes[1:]:
         log.info("Astria Encode: %s", note)
     return positive, negative, list(dict.fromkeys(notes))
 
 
 class AstriaEncode(io.ComfyNode):
-    """Encodes the Astria prompt's positive and negative text, with A1111's, ComfyUI's or no prompt weighting."""
+    """Encodes the Astria prompt's positive and negative text, with diffusers' LPW, A1111's, ComfyUI's or no weighting."""
 
     @classmethod
     def define_schema(cls):
@@ -180,16 +249,20 @@ class AstriaEncode(io.ComfyNode):
             node_id="AstriaEncode",
             display_name="Astria Encode",
             category="Astria",
-            description="Encodes the prompt and its negative_prompt as Astria does: A1111 attention weights "
-                        "((word:1.2), [word], BREAK, 75-token chunks) and bare textual-inversion names found in "
-                        "ComfyUI's embeddings folder. use_lpw=false encodes brackets as plain text.",
+            description="Encodes the prompt and its negative_prompt as Astria does: attention weights "
+                        "((word:1.2), [word], 75-token chunks) applied as diffusers' long-prompt-weighting pipelines "
+                        "(Astria's use_lpw) apply them, or as A1111 or ComfyUI do, and bare textual-inversion names "
+                        "found in ComfyUI's embeddings folder. use_lpw=false encodes brackets as plain text.",
             inputs=[
                 io.Clip.Input("clip", tooltip="The text encoder (SD1.x or SDXL get A1111 weighting; others the "
                                               "plain text)."),
                 AstriaPromptType.Input("astria_prompt", tooltip="The parsed prompt from Astria Prompt."),
                 io.Combo.Input("weighting", options=WEIGHTING_CHOICES, default=FROM_PROMPT,
-                               tooltip="from prompt: A1111 unless the prompt says use_lpw=false (then none). "
-                                       "a1111: A1111's emphasis. comfy: ComfyUI's own formula for the same "
+                               tooltip="from prompt: lpw unless the prompt says use_lpw=false (then none). "
+                                       "lpw: diffusers' long-prompt-weighting pipelines, which Astria's use_lpw "
+                                       "runs (SD1.x: mean restored, at most 225 tokens; SDXL: interpolation "
+                                       "toward each chunk's end token). a1111: A1111's emphasis and chunking "
+                                       "(comma backtrack, BREAK). comfy: ComfyUI's own formula for the same "
                                        "weights. none: brackets are plain text, every weight 1.0."),
             ],
             outputs=[

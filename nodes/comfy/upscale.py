@@ -185,7 +185,7 @@ class AstriaOnlyUpscale(io.ComfyNode):
         return io.NodeOutput(only_upscale(job))
 
 
-WEIGHTING_CHOICES = ["from prompt", "a1111", "comfy", "none"]
+WEIGHTING_CHOICES = ["from prompt", *settings.WEIGHTING_MODES]
 
 
 class AstriaOnlyUpscaleFromPrompt(io.ComfyNode):
@@ -198,7 +198,7 @@ class AstriaOnlyUpscaleFromPrompt(io.ComfyNode):
             display_name="Astria Only Upscale (from prompt)",
             category="Astria",
             description="Runs Astria's --only_upscale from a pasted prompt: applies its LoRAs, encodes it with "
-                        "A1111 weights, takes steps/denoise/cfg/scheduler/seed/size from it (widgets fill only what "
+                        "its prompt weights (use_lpw), takes steps/denoise/cfg/scheduler/seed/size from it (widgets fill only what "
                         "the prompt leaves unset) and reports what was and was not applied.",
             inputs=[
                 io.Image.Input("image", tooltip="The image(s) to upscale; a batch is fine."),
@@ -208,8 +208,9 @@ class AstriaOnlyUpscaleFromPrompt(io.ComfyNode):
                 AstriaPromptType.Input("astria_prompt", tooltip="The parsed prompt from Astria Prompt."),
                 *upscale_widget_inputs(),
                 io.Combo.Input("weighting", options=WEIGHTING_CHOICES, default="from prompt",
-                               tooltip="Prompt weighting: from the prompt's use_lpw (A1111 unless use_lpw=false), "
-                                       "or force a1111, comfy (ComfyUI's formula) or none (brackets as text)."),
+                               tooltip="Prompt weighting: from the prompt's use_lpw (lpw, diffusers' pipelines as "
+                                       "on Astria, unless use_lpw=false), or force lpw, a1111 (A1111's emphasis), "
+                                       "comfy (ComfyUI's formula) or none (brackets as text)."),
                 *optional_model_inputs(),
             ],
             outputs=[io.Image.Output(display_name="IMAGE"), io.String.Output(display_name="summary")],

@@ -30,6 +30,9 @@ BREAK_WEIGHT = -1.0
 # pattern gives text and tokens alternately, much faster than a match per token.
 _DELIMITER = re.compile(r"(\\[()\[\]\\]?|[(\[]|:[+-]?[.\d]+\)|[)\]]|:)")
 _BREAK_WORD = re.compile(r"\bBREAK\b")
+# Escapes, round brackets and the `:N)` that A1111 1.6 and ComfyUI also read with spaces around N (`(dog: 1.2)`):
+# the tokens `spaced_weights` follows.
+_ROUND_TOKEN = re.compile(r"\\[()\[\]\\]?|\(|:\s*[+-]?[.\d]+\s*\)|\)")
 
 
 class AttentionSyntaxError(ValueError):
@@ -161,9 +164,9 @@ class _Pieces:
         else:
             self.texts.append(text)
 
-    def add_run(self, run: str, offset: int) -> None:
+    def add_run(self, run: str, offset: int, breaks: bool = True) -> None:
         """Append a run of plain text, cutting out whole-word BREAKs (weight -1, multiplied like any piece)."""
-        if BREAK_TEXT not in run:
+        if not breaks or BREAK_TEXT not in run:
             self.add(run, offset)
             return
         for index, part in enumerate(_split_breaks(run)):
@@ -301,15 +304,19 @@ class _Pieces:
         return merged or [("", 1.0)]
 
 
-def parse_attention(text: str) -> list[tuple[str, float]]:
-    """Split A1111 prompt text into (text, weight) pieces exactly as A1111's parse_prompt_attention does."""
+def parse_attention(text: str, breaks: bool = True) -> list[tuple[str, float]]:
+    """Split A1111 prompt text into (text, weight) pieces exactly as A1111's parse_prompt_attention does.
+
+    `breaks=False` keeps BREAK as plain text, as diffusers' SD1.x long-prompt-weighting parser (otherwise the same
+    grammar) does.
+    """
     pieces = _Pieces(text)
     parts = _DELIMITER.split(text)
     offset = 0
     for index in range(0, len(parts), 2):
         run = parts[index]
         if run:
-            pieces.add_run(run, offset)
+            pieces.add_run(run, offset, breaks)
             offset += len(run)
         if index + 1 == len(parts):
             break
@@ -343,6 +350,37 @@ def _explicit_weight(text: str, token: str, offset: int) -> float:
             text, offset + 1, f"the weight {written!r} in '{token}' is not a number",
             "write a weight like (text:1.2), or \\( and \\) for literal brackets",
         ) from None
+
+
+class SpacedWeight(NamedTuple):
+    """`(dog: 1.2)`: a weight with a space before or after it, which our parser (and Astria's) reads as text."""
+
+    offset: int
+    written: str  # from the round bracket to the closing one, as written
+    meant: str  # the same without the spaces, which is read as a weight
+
+
+def spaced_weights(text: str) -> list[SpacedWeight]:
+    """Round groups whose weight has spaces around it: text at 1.1 here, as in pre-1.6 A1111 and diffusers' LPW.
+
+    Current A1111 (`:\\s*([+-]?[.\\d]+)\\s*\\)`) and ComfyUI read them as weights; this parser keeps the older
+    rule, which Astria's weighted prompts (diffusers' long-prompt-weighting pipelines) follow.
+    """
+    found = []
+    opened: list[int] = []
+    for match in _ROUND_TOKEN.finditer(text):
+        token = match.group()
+        if token == "(":
+            opened.append(match.start())
+        elif token[0] == "\\" or not opened:
+            continue
+        else:
+            start = opened.pop()
+            if token[0] == ":" and token != re.sub(r"\s", "", token):
+                written = text[start:match.end()]
+                meant = written[:match.start() - start] + re.sub(r"\s", "", token)
+                found.append(SpacedWeight(start, written, meant))
+    return found
 
 
 def is_chunk_break(text: str, weight: float) -> bool:

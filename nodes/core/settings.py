@@ -13,7 +13,7 @@ from . import spec_tables as tables
 from .names import shorten
 from .syntax import AstriaPrompt, format_flag, format_param_line
 
-WEIGHTING_MODES = ("a1111", "comfy", "none")
+WEIGHTING_MODES = ("lpw", "a1111", "comfy", "none")
 OFF = "off: nothing to do"
 UNSET = "unset: nothing to do"
 MAX_DENOISE_FOR_STEPS = 0.999  # A1111 img2img caps denoise here when counting steps, so 1.0 never starts past sigma 0
@@ -283,8 +283,12 @@ def _size(prompt: AstriaPrompt, defaults: SamplerDefaults, notes: _Notes) -> tup
 
 
 def weighting_from_prompt(prompt: AstriaPrompt) -> str:
-    """The prompt's own weighting mode (docs/astria-syntax.md section 6): use_lpw true or unset -> a1111, false -> none."""
-    return "none" if prompt.param("use_lpw") is False else "a1111"
+    """The prompt's own weighting mode (docs/astria-syntax.md section 6): use_lpw true or unset -> lpw, false -> none.
+
+    Astria's use_lpw ("use weighted prompts") runs diffusers' long-prompt-weighting pipelines, which `lpw`
+    reproduces for SD1.x and SDXL; unset counts as true; false encodes brackets as text.
+    """
+    return "none" if prompt.param("use_lpw") is False else "lpw"
 
 
 def _weighting(prompt: AstriaPrompt, defaults: SamplerDefaults, notes: _Notes) -> str:

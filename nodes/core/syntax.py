@@ -47,11 +47,13 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import spec_tables as tables
+from .attention import spaced_weights
 from .names import unsafe_name_reason
 
 MAX_WARNINGS = 50  # a pasted megabyte of duplicates must not turn the summary into a megabyte of warnings
@@ -63,6 +65,9 @@ _BOM = "\ufeff"
 # would silently turn into prompt text, so they are removed before parsing (with a warning). Joiners (U+200C,
 # U+200D) stay: emoji sequences and Persian words need them.
 _ZERO_WIDTH = re.compile("[\u200b\u2060\ufeff]")
+# Control characters (C0 but tab and line breaks, DEL, C1) mean nothing in a prompt, and ComfyUI uses \x00\x01 and
+# \x00\x02 as its own bracket markers: removed before parsing, with a warning, so no text encoder sees them.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _KEY_LINE = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)", re.DOTALL)
 # A flag starts at the beginning of a line or after whitespace, and its name ends at whitespace, `=` or the end.
 _FLAG_START = re.compile(r"(?:^|(?<=\s))--([A-Za-z][A-Za-z0-9_]*)(?=[\s=]|$)")
@@ -72,10 +77,12 @@ _LOOKALIKE_FLAG = re.compile(
     r"(?:^|(?<=\s))([-\u2010-\u2015\u2212\ufe58\ufe63\uff0d]{1,3})([A-Za-z][A-Za-z0-9_]*)(?=[\s=]|$)"
 )
 _TAG_START = re.compile(r"<(lora|faceid)", re.IGNORECASE)
-# Unambiguous alternatives (no `\d+\.?\d*`), so a megabyte of digits is matched in linear time.
-_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
-_INTEGER = re.compile(r"[+-]?\d+")
-_NUMBER_OR_PERCENT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)%?")
+# Unambiguous alternatives (no `\d+\.?\d*`), so a megabyte of digits is matched in linear time. ASCII digits only:
+# Python reads `１６` or `١٦` as 16, Astria's API does not, so they are refused with the ASCII number as the fix.
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+_INTEGER = re.compile(r"[+-]?\d+", re.ASCII)
+_NUMBER_OR_PERCENT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)%?", re.ASCII)
+_UNICODE_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?%?")
 _WHITESPACE = re.compile(r"\s+")
 _DECIMAL_COMMA = re.compile(r"[+-]?[0-9]*,[0-9]+")
 _MAX_INT_DIGITS = 30  # longer integers are out of every range; also keeps int() away from its digit limit
@@ -182,6 +189,7 @@ def parse_prompt(text: str) -> AstriaPrompt:
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     warnings = _Warnings()
     lines = _remove_zero_width(lines, warnings)
+    lines = _remove_controls(lines, warnings)
     first_param_line = _first_param_line(lines)
 
     prompt_parts: list[str] = []
@@ -189,6 +197,7 @@ def parse_prompt(text: str) -> AstriaPrompt:
     faceids: list[tuple[str, float]] = []
     flags: dict[str, Any] = {}
     flag_lines: dict[str, int] = {}
+    spaced: list[tuple[str, str, str]] = []
     for index in range(first_param_line):
         line_number = index + 1
         line, tags = _extract_tags(lines[index], line_number)
@@ -205,10 +214,16 @@ def parse_prompt(text: str) -> AstriaPrompt:
                     f"and _ only); write {meant} for the parameter"
                 )
         prompt_parts.append(_extract_flags(line, line_number, flags, flag_lines, warnings))
+        spaced += [(f"line {line_number}", found.written, found.meant) for found in spaced_weights(line)]
     _warn_repeated_tags(loras, "LoRA", warnings)
     _warn_repeated_tags(faceids, "faceid", warnings)
 
     negative, params = _parse_params(lines, first_param_line, warnings)
+    if params.get("use_lpw") is not False:  # with use_lpw=false every bracket is text anyway
+        spaced += [("negative_prompt", found.written, found.meant) for found in spaced_weights(negative)]
+        for where, written, meant in spaced:
+            warnings.add(f"{where}: {_show(written)} is read as text at weight 1.1, as Astria's weighted prompts do "
+                         f"(diffusers' long-prompt-weighting parser); write {_show(meant)} for a weight")
     return AstriaPrompt(
         positive=_tidy(" ".join(prompt_parts)),
         negative_prompt=negative,
@@ -252,6 +267,21 @@ def _remove_zero_width(lines: list[str], warnings: _Warnings) -> list[str]:
                 "delete them from the text to silence this"
             )
             return lines[:index] + [_ZERO_WIDTH.sub("", rest) for rest in lines[index:]]
+    return lines
+
+
+def _remove_controls(lines: list[str], warnings: _Warnings) -> list[str]:
+    """Drop control characters (C0 but tab and line breaks, DEL, C1), warning once where the first one was."""
+    for index, line in enumerate(lines):
+        found = _CONTROL.search(line)
+        if found:
+            count = sum(len(_CONTROL.findall(rest)) for rest in lines[index:])
+            warnings.add(
+                f"line {index + 1}, column {found.start() + 1}: {count} control character(s) "
+                f"(U+{ord(found.group()):04X} and the like) were removed: a text encoder must not see them, and "
+                "ComfyUI uses some as internal markers; delete them from the text to silence this"
+            )
+            return lines[:index] + [_CONTROL.sub("", rest) for rest in lines[index:]]
     return lines
 
 
@@ -358,7 +388,7 @@ def _split_tag_body(body: str, kind: str, line_number: int, column: int) -> tupl
         if not _NUMBER.fullmatch(weight_text):
             raise AstriaSyntaxError(
                 line_number, column, f"the weight {_show(weight_text)} of {_show(tag)} is not a number",
-                _decimal_comma_fix(weight_text) or "give a number such as 0.5, or leave out ':WEIGHT' for 1.0",
+                _number_fix(weight_text) or "give a number such as 0.5, or leave out ':WEIGHT' for 1.0",
             )
         weight = float(weight_text)
         if not math.isfinite(weight):
@@ -519,7 +549,7 @@ def _typed_flag_value(name: str, token: str, line_number: int, column: int) -> A
     wanted = {"float": "a number", "int": "a whole number", "number_or_percent": "a number or a percentage"}
     raise AstriaSyntaxError(
         line_number, column, f"--{name} {_show(token)} is not {wanted[value_type]}",
-        (value_type == "float" and _decimal_comma_fix(token, f"--{name} ")) or f"write e.g. {_flag_example(name)}",
+        _number_fix(token, f"--{name} ", value_type == "float") or f"write e.g. {_flag_example(name)}",
     )
 
 
@@ -665,18 +695,27 @@ def _typed_param(key: str, raw: str, line_number: int, column: int) -> Any:
     if value_type == "int":
         if not _INTEGER.fullmatch(raw):
             raise AstriaSyntaxError(
-                line_number, column, f"{key}={_show(raw)} is not a whole number", f"write e.g. {_param_example(key)}"
+                line_number, column, f"{key}={_show(raw)} is not a whole number",
+                _number_fix(raw, f"{key}=", False) or f"write e.g. {_param_example(key)}",
             )
         value = int(raw) if _digit_count(raw) <= _MAX_INT_DIGITS else math.inf
     else:
         if not _NUMBER.fullmatch(raw) or not math.isfinite(float(raw)):
             raise AstriaSyntaxError(
                 line_number, column, f"{key}={_show(raw)} is not a number",
-                _decimal_comma_fix(raw, f"{key}=") or f"write e.g. {_param_example(key)}",
+                _number_fix(raw, f"{key}=") or f"write e.g. {_param_example(key)}",
             )
         value = float(raw)
     _check_range(key, raw, value, line_number, column)
     return value
+
+
+def _number_fix(text: str, prefix: str = "", decimal_comma: bool = True) -> str | None:
+    """The fix for a number Astria cannot read: non-ASCII digits, or (where a fraction is allowed) a decimal comma."""
+    if len(text) <= _SHOWN_VALUE_CHARS and not text.isascii() and _UNICODE_NUMBER.fullmatch(text):
+        ascii_text = "".join(str(unicodedata.digit(c)) if c.isdigit() else c for c in text)
+        return f"write {prefix}{ascii_text} (the digits 0-9: Astria does not read {text} as a number)"
+    return _decimal_comma_fix(text, prefix) if decimal_comma else None
 
 
 def _decimal_comma_fix(text: str, prefix: str = "") -> str | None:

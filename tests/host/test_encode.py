@@ -1,4 +1,5 @@
 """Astria Encode on the test models: A1111's emphasis formula, ComfyUI's and no weighting, BREAK, embeddings, SDXL."""
+import json
 import shutil
 import subprocess
 import sys
@@ -153,3 +154,120 @@ def test_sdxl_a1111_weights_clip_l_and_clip_g_each_and_keeps_the_pooled_output(c
     assert torch.allclose(cond[0], expected, atol=1e-4)
     assert extra["pooled_output"].shape == (1, 1280)
     assert torch.allclose(extra["pooled_output"], plain[0][1]["pooled_output"], atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lpw: diffusers' long-prompt-weighting pipelines (their arithmetic is checked against diffusers in
+# tests/unit/test_lpw.py; here the glue: which chunks the host encodes, the mean over all of them, SDXL's pooled)
+
+def unweighted_chunks(clip, chunks, key="l"):
+    """The host's plain encoding of framed chunks, each 77 tokens at weight 1 (ComfyUI's own machinery)."""
+    tokens = [[(token, 1.0) for token in chunk] for chunk in chunks]
+    return clip.encode_from_tokens({key: tokens} if key == "l" else {"l": tokens, "g": tokens}, return_pooled=True)
+
+
+def plain_ids(clip, text, key="l"):
+    """The host tokenizer's ids of text, without start and end token."""
+    tokenizer = getattr(clip.tokenizer, f"clip_{key}")
+    return tokenizer.tokenizer(text)["input_ids"][1:-1]
+
+
+def test_lpw_sd1_weights_all_chunks_together_and_pads_the_negative_to_as_many(comfy_host, sd15):
+    _, clip, _ = sd15
+    words = "cat, " * 45  # 90 tokens: a second chunk, and commas that A1111 would have broken at
+    positive, negative, notes = encode(comfy_host, clip, f"a (red:1.5) {words}", "lpw", negative="[ugly]")
+    ids = [49406, *plain_ids(clip, "a "), *plain_ids(clip, "red"), *plain_ids(clip, f" {words}")]
+    ids += [49407] * (2 * 75 + 1 - len(ids))
+    chunks = [ids[:76] + [49407], [49406] + ids[76:151] + [49407]]
+    z, _ = unweighted_chunks(clip, chunks)
+    weights = torch.ones(2 * CHUNK)
+    weights[2] = 1.5  # "red": the third token of the first chunk
+    weighted = z[0] * weights[:, None]
+    expected = weighted * (z[0].mean() / weighted.mean())  # one mean over both chunks, not one per chunk
+    assert positive[0][0].shape == (1, 2 * CHUNK, 768)
+    assert torch.allclose(positive[0][0][0], expected, atol=TOLERANCE)
+    assert negative[0][0].shape == (1, 2 * CHUNK, 768)  # padded to the positive's two chunks, as diffusers does
+    assert "positive: 2 chunks of 75 tokens" in notes and "weighting lpw" in notes
+
+
+def test_lpw_tokens_from_the_host_tokenizer_are_diffusers_own(comfy_host, sd15):
+    """diffusers' LPW tokenization with the real CLIP tokenizer (data/lpw_golden.json) = ours with the host's."""
+    from comfyui_astria.nodes.comfy import encode as encode_module
+    from comfyui_astria.nodes.core import prompt_tokens
+    from comfyui_astria.nodes.core.embeddings import embedding_index
+
+    _, clip, _ = sd15
+    (encoder,) = encode_module.clip_encoders(clip)
+    vocabulary = encode_module._ClipVocabularies([encoder]).vocabulary(*encoder)
+    golden = json.loads((paths.PACK_ROOT / "tests" / "unit" / "data" / "lpw_golden.json").read_text())
+    assert len(golden["real_tokenizer"]) >= 4
+    for case in golden["real_tokenizer"]:
+        for family, breaks, limit in (("sd1", False, 225), ("sdxl", True, None)):
+            items = prompt_tokens.lpw_tokens(case["text"], vocabulary, embedding_index(()), breaks=breaks)[:limit]
+            assert [token for token, _ in items] == case[family][0], (family, case["text"])
+            assert [float(weight).hex() for _, weight in items] == case[family][1], (family, case["text"])
+
+
+def test_lpw_sd1_drops_tokens_beyond_225_and_says_so(comfy_host, sd15):
+    _, clip, _ = sd15
+    positive, _, notes = encode(comfy_host, clip, "cat " * 300, "lpw")
+    assert positive[0][0].shape == (1, 3 * CHUNK, 768)
+    assert "positive: 75 tokens beyond 225 dropped, as diffusers' SD1.x long-prompt-weighting pipeline drops " \
+           "them (max_embeddings_multiples 3)" in notes
+
+
+def test_from_prompt_is_lpw_unless_use_lpw_is_false(comfy_host, sd15):
+    _, clip, _ = sd15
+    prompt = syntax.parse_prompt("a (red:1.5) cat")
+    *_, notes = run_node(comfy_host, "AstriaEncode", clip=clip, astria_prompt=prompt, weighting="from prompt")
+    assert notes.startswith("weighting lpw")
+
+
+@pytest.mark.sdxl
+def test_sdxl_lpw_moves_weighted_tokens_toward_the_end_token_and_keeps_the_last_chunk_unpadded(comfy_host, sdxl):
+    _, clip, _ = sdxl
+    positive, negative, notes = encode(comfy_host, clip, "a (red:1.5) cat", "lpw")
+    plain = clip_text_encode(comfy_host, clip, "a red cat")[0]
+    z = plain[0][0]
+    length = token_count(clip, "a red cat")  # start, a, red, cat, end: diffusers does not pad its last chunk
+    expected = z[:length].clone()
+    expected[2] = z[length - 1] + (z[2] - z[length - 1]) * 1.5  # e_last + (e - e_last) * w
+    cond, extra = positive[0]
+    assert cond.shape == (1, length, 2048) and negative[0][0].shape == (1, length, 2048)
+    assert torch.allclose(cond[0], expected, atol=1e-4)
+    assert torch.allclose(extra["pooled_output"], plain[1]["pooled_output"], atol=1e-4)
+    assert "positive: 1 chunk of 75 tokens, the last one 3 tokens" in notes
+
+
+@pytest.mark.sdxl
+def test_sdxl_lpw_pooled_output_is_the_last_chunks(comfy_host, sdxl):
+    _, clip, _ = sdxl
+    words = "cat " * 80
+    positive, _, _ = encode(comfy_host, clip, words, "lpw")
+    ids = plain_ids(clip, words)
+    last = [49406, *ids[75:], 49407] + [49407] * (75 - len(ids[75:]))
+    _, last_pooled = unweighted_chunks(clip, [last], key="lg")
+    first = [49406, *ids[:75], 49407]
+    _, first_pooled = unweighted_chunks(clip, [first], key="lg")
+    pooled = positive[0][1]["pooled_output"]
+    assert positive[0][0].shape == (1, CHUNK + 7, 2048)
+    assert torch.allclose(pooled, last_pooled, atol=1e-4) and not torch.allclose(pooled, first_pooled, atol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A1111 zeroes an exactly empty SDXL negative prompt (modules/sd_models_xl.py, force_zero_negative_prompt)
+
+@pytest.mark.sdxl
+def test_sdxl_a1111_empty_negative_is_zeros_with_the_size_embeddings_kept(comfy_host, sdxl):
+    model, clip, _ = sdxl
+    _, negative, notes = encode(comfy_host, clip, "a cat", "a1111")
+    cond, extra = negative[0]
+    assert cond.shape == (1, CHUNK, 2048) and not cond.any()
+    assert extra["pooled_output"].shape == (1, 1280) and not extra["pooled_output"].any()
+    assert "negative: empty on SDXL: cross-attention and pooled output are zeros, as A1111 does for an empty " \
+           "negative prompt (force_zero_negative_prompt; the size embeddings are kept)" in notes
+    adm = model.model.encode_adm(pooled_output=extra["pooled_output"], width=1024, height=1024)
+    assert not adm[:, :1280].any() and adm[:, 1280:].abs().sum() > 0  # the size embeddings are still there
+    _, written, _ = encode(comfy_host, clip, "a cat", "a1111", negative="ugly")
+    _, comfy_empty, _ = encode(comfy_host, clip, "a cat", "comfy")
+    assert written[0][0].any() and comfy_empty[0][0].any()  # only an empty negative, only in a1111 mode

@@ -87,6 +87,17 @@ def test_remote_only_unknown_and_local_impossible_items_are_told_apart(server):
     assert "scheduler=tcd" in cloud_only["settings_error"] and "remote node" in cloud_only["settings_error"]
 
 
+def test_the_preview_notes_a_spaced_weight_and_removed_control_characters(server):
+    _, report = parse(server, "a cat\x00\x01 (dog: 1.2)")
+    assert report["ok"] is True and report["positive"] == "a cat (dog: 1.2)"
+    assert report["warnings"][0].startswith("line 1, column 6: 2 control character(s) (U+0000 and the like) were "
+                                            "removed")
+    assert report["warnings"][1] == ("line 1: (dog: 1.2) is read as text at weight 1.1, as Astria's weighted "
+                                     "prompts do (diffusers' long-prompt-weighting parser); write (dog:1.2) for a "
+                                     "weight")
+    assert report["settings"]["weighting"] == "lpw"
+
+
 def test_the_routes_answer_under_the_frontends_api_prefix_too(server):
     status, report = parse(server, "a photo --only_upscale", prefix="/api")
     assert status == 200 and report["flags"] == {"only_upscale": True}

@@ -144,7 +144,7 @@ def test_target_size():
         settings_of("x").target_size(0, 10)
 
 
-@pytest.mark.parametrize(("line", "mode"), [("use_lpw=true", "a1111"), ("use_lpw=", "a1111"), ("", "a1111"),
+@pytest.mark.parametrize(("line", "mode"), [("use_lpw=true", "lpw"), ("use_lpw=", "lpw"), ("", "lpw"),
                                              ("use_lpw=false", "none")])
 def test_weighting_from_use_lpw(line, mode):
     assert settings_of(f"x\n{line}").weighting == mode

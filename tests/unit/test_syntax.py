@@ -236,7 +236,6 @@ def test_neg_style_tags_are_text(text):
         ("<lora:\\\\server\\share:1>", 1, "slash"),
         ("<lora:C:\\loras\\x:1>", 1, "drive letter"),
         ("<lora:c:x.safetensors:1>", 1, "drive letter"),
-        ("<lora:a\x00b:1>", 1, "NUL"),
     ],
 )
 def test_bad_tags_are_errors_naming_the_tag(text, column, words):
@@ -785,3 +784,76 @@ def test_megabyte_inputs_finish(text):
         return
     assert len(prompt.warnings) <= 51
     assert math.isfinite(sum(weight for _, weight in prompt.loras))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Characters a text encoder must never see, digits Astria's API does not read, weights written with a space
+
+@pytest.mark.parametrize("control", ["\x00", "\x01", "\x02", "\x07", "\x0b", "\x0c", "\x1b", "\x1f", "\x7f", "\x85",
+                                     "\x9f"])
+def test_control_characters_are_removed_with_a_warning(control):
+    prompt = parse_prompt(f"a cat{control}\x01 (dog:1.2)\nnegative_prompt=ugly{control}\nsteps=1{control}6")
+    assert prompt.positive == "a cat (dog:1.2)" and prompt.negative_prompt == "ugly"
+    assert prompt.params["steps"] == 16
+    assert prompt.warnings == (
+        f"line 1, column 6: 4 control character(s) (U+{ord(control):04X} and the like) were removed: a text "
+        "encoder must not see them, and ComfyUI uses some as internal markers; delete them from the text to "
+        "silence this",
+    )
+    assert parse_prompt(format_prompt(prompt)) == prompt
+
+
+def test_a_nul_in_a_lora_tag_is_removed_before_the_name_is_read():
+    prompt = parse_prompt("<lora:a\x00b:1> cat")
+    assert prompt.loras == (("ab", 1.0),) and prompt.positive == "cat"
+    assert prompt.warnings[0].startswith("line 1, column 8: 1 control character(s) (U+0000 and the like) were removed")
+
+
+def test_tab_and_line_breaks_are_not_control_characters_to_remove():
+    prompt = parse_prompt("a\tcat\r\nsteps=16")
+    assert prompt.positive == "a cat" and prompt.params == {"steps": 16} and prompt.warnings == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "fix"),
+    [
+        ("x\nsteps=\uff11\uff16", "write steps=16 (the digits 0-9: Astria does not read \uff11\uff16 as a number)"),
+        ("x\ncfg_scale=\u0666.\u0665", "write cfg_scale=6.5 (the digits 0-9: Astria does not read \u0666.\u0665 "
+                                        "as a number)"),
+        ("<lora:a:\u0660.\u0665>", "write 0.5 (the digits 0-9: Astria does not read \u0660.\u0665 as a number)"),
+        ("x --resemblance \u09e6.\u09ec", "write --resemblance 0.6 (the digits 0-9: Astria does not read "
+                                          "\u09e6.\u09ec as a number)"),
+        ("x --duration \uff12", "write --duration 2 (the digits 0-9: Astria does not read \uff12 as a number)"),
+    ],
+)
+def test_digits_other_than_ascii_are_refused_with_the_ascii_number(text, fix):
+    with pytest.raises(AstriaSyntaxError) as caught:
+        parse_prompt(text)
+    assert caught.value.fix == fix
+
+
+@pytest.mark.parametrize(
+    ("text", "excerpt", "written"),
+    [
+        ("a (dog: 1.2) cat", "(dog: 1.2)", "(dog:1.2)"),
+        ("a ((dog:0.5 )) cat", "(dog:0.5 )", "(dog:0.5)"),
+        ("(red, blue:1.3 ) sky", "(red, blue:1.3 )", "(red, blue:1.3)"),
+    ],
+)
+def test_a_space_before_a_weight_is_text_with_a_note(text, excerpt, written):
+    prompt = parse_prompt(text)
+    assert prompt.positive == text
+    (warning,) = prompt.warnings
+    assert warning == (f"line 1: {excerpt} is read as text at weight 1.1, as Astria's weighted prompts do "
+                       f"(diffusers' long-prompt-weighting parser); write {written} for a weight")
+
+
+def test_no_weight_space_note_without_an_open_bracket_or_with_use_lpw_false():
+    assert parse_prompt("a dog: 1.2) cat").warnings == ()
+    assert parse_prompt("a \\(dog: 1.2) cat").warnings == ()
+    assert parse_prompt("a (dog:1.2) cat").warnings == ()
+    assert parse_prompt("a (dog :1.2) cat").warnings == ()  # a weight in both rules
+    assert parse_prompt("a (dog: 1.2) cat\nuse_lpw=false").warnings == ()
+    negative = parse_prompt("a cat\nnegative_prompt=(ugly: 1.4)")
+    assert negative.warnings == ("negative_prompt: (ugly: 1.4) is read as text at weight 1.1, as Astria's weighted "
+                                 "prompts do (diffusers' long-prompt-weighting parser); write (ugly:1.4) for a weight",)

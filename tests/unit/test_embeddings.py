@@ -82,3 +82,34 @@ def test_missing_embeddings_are_warned_about_and_installed_ones_are_not():
     assert missing_embedding_warnings("EasyNegative EasyNegative", INDEX) == missing_embedding_warnings(
         "EasyNegative", INDEX)  # once per word
     assert missing_embedding_warnings("EasyNegative", embedding_index(["EasyNegative.pt"])) == []
+
+
+# ---- the matching rules, pinned before the index became linear (each held by the regex alternation on main) -----
+RULES = embedding_index(["neg.pt", "neg.v2.pt", "bad-hands.pt", "bad-hands-5.pt", "neg(1).pt", ".hidden.pt",
+                         "NégatifV2.pt", "a/Style.pt", "b/style.pt", "hands.pt"])
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("neg.v2 neg.v3 neg.", [("neg.v2.pt", "neg.v2"), ("neg.pt", "neg"), ("neg.pt", "neg")]),  # longest whole name
+    ("bad-hands-55 bad-hands-", []),  # neither the longer nor the shorter name ends at a name edge
+    ("bad-hands", [("bad-hands.pt", "bad-hands")]),  # `hands` inside it is not at a name edge
+    ("x-hands _hands hands_ hands2 2hands", []),
+    ("neg(1) neg(1)x (neg(1))", [("neg(1).pt", "neg(1)"), ("neg.pt", "neg"), ("neg(1).pt", "neg(1)")]),
+    ("x.hidden .hidden", [(".hidden.pt", ".hidden")]),
+    ("NÉGATIFV2, négatifv2", [("NégatifV2.pt", "NÉGATIFV2"), ("NégatifV2.pt", "négatifv2")]),
+    ("STYLE style", [("a/Style.pt", "STYLE"), ("a/Style.pt", "style")]),
+    ("EMBEDDING:neg Embedding:NEG.V2", [("neg.pt", "EMBEDDING:neg"), ("neg.v2.pt", "Embedding:NEG.V2")]),
+    ("xembedding:neg", [("neg.pt", "neg")]),  # the prefix is inside a word: the bare name after `:` is found
+    ("embedding:nothere neg", [("neg.pt", "neg")]),
+    ("embedding:neg.v2x", [("neg.pt", "embedding:neg")]),
+    ("embedding:neg-x", []),
+    ("neg,neg;neg\nneg\tneg", [("neg.pt", "neg")] * 5),
+    ("", []),
+])
+def test_matching_rules(text, expected):
+    assert found(text, RULES) == expected
+
+
+def test_mention_positions_cover_the_prefix():
+    assert RULES.find("a Embedding:NEG b") == [Mention("neg.pt", 2, 15)]
+    assert RULES.find("(neg.v2:1.1)") == [Mention("neg.v2.pt", 1, 7)]

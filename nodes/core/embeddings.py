@@ -11,16 +11,14 @@ import bisect
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 EMBEDDING_PREFIX = "embedding:"
 # A name is bounded by characters that cannot be part of one: a word character or `-` next to it means it is part
 # of a longer word (`tiny_neg` is not found inside `tiny_neg-v2` or `xtiny_neg`).
-_NAME_EDGE_BEFORE = r"(?<![\w-])"
-_NAME_EDGE_AFTER = r"(?![\w-])"
-_PREFIXED_WORD = re.compile(_NAME_EDGE_BEFORE + re.escape(EMBEDDING_PREFIX) + r"([^\s,()\[\]]+)", re.IGNORECASE)
+_PREFIXED_WORD = re.compile(r"(?<![\w-])" + re.escape(EMBEDDING_PREFIX) + r"([^\s,()\[\]]+)", re.IGNORECASE)
 _WORD = re.compile(r"[\w.-]+")
 
 
@@ -32,19 +30,81 @@ class Mention(NamedTuple):
     end: int
 
 
+def fold_case(char: str) -> str:
+    """One character's case-insensitive form: lower case through upper case, so `ſ`/`s`, `ı`/`i`, `ς`/`σ` and
+    `K`/`k` fold alike, as the regex engine's IGNORECASE matches them; a character whose case maps to several
+    (`ß` -> `SS`) is kept as it is."""
+    lower = char.lower()
+    if len(lower) != 1:
+        lower = char
+    upper = lower.upper()
+    if len(upper) == 1 and len(upper.lower()) == 1:
+        return upper.lower()
+    return lower
+
+
+def _fold_text(text: str) -> str:
+    """The text folded one character at a time (same length, same positions)."""
+    return "".join(map(fold_case, text))
+
+
+def _is_name_character(char: str) -> bool:
+    """A character that may continue a word (`\\w` or `-`): a name cannot begin or end next to one."""
+    return char == "-" or char == "_" or char.isalnum()
+
+
+_FOLDED_PREFIX = _fold_text(EMBEDDING_PREFIX)
+_END = ""  # the trie key that holds the file of the name ending at that node (no name character is empty)
+
+
 @dataclass(frozen=True)
 class EmbeddingIndex:
-    """The installed embeddings by lower-case name (a file's stem), with the pattern that finds them in text."""
+    """The installed embeddings by lower-case name (a file's stem), and a trie of their case-folded names that
+    finds them in text in one pass: the work is linear in the text and in the names' length, whatever their count."""
 
     files: dict[str, str]
-    pattern: re.Pattern | None
+    trie: dict
 
-    def find(self, text: str) -> list[Mention]:
-        """Every installed embedding named in text, bare or as `embedding:NAME`, in order."""
-        if self.pattern is None:
+    def find(self, text: str, count_step: Callable[[], None] | None = None) -> list[Mention]:
+        """Every installed embedding named in text, bare or as `embedding:NAME`, in order, left to right, each the
+        longest name that ends at a name edge; `count_step` (for tests) is called once per trie step."""
+        if not self.trie:
             return []
-        return [Mention(self.files[match.group(1).lower()], match.start(), match.end())
-                for match in self.pattern.finditer(text)]
+        folded = _fold_text(text)
+        mentions: list[Mention] = []
+        position = 0
+        while position < len(text):
+            if position > 0 and _is_name_character(text[position - 1]):
+                position += 1
+                continue
+            found = None
+            if folded.startswith(_FOLDED_PREFIX, position):
+                found = self._longest_name(text, folded, position + len(_FOLDED_PREFIX), count_step)
+            if found is None:
+                found = self._longest_name(text, folded, position, count_step)
+            if found is None:
+                position += 1
+                continue
+            filename, end = found
+            mentions.append(Mention(filename, position, end))
+            position = end
+        return mentions
+
+    def _longest_name(self, text: str, folded: str, start: int, count_step) -> tuple[str, int] | None:
+        """(file, end) of the longest name starting at `start` that ends at a name edge, or None."""
+        node, best = self.trie, None
+        for end in range(start, len(folded) + 1):
+            if count_step is not None:
+                count_step()
+            filename = node.get(_END)
+            if filename is not None and end > start and (end == len(text) or not _is_name_character(text[end])):
+                best = (filename, end)
+            if end == len(folded):
+                break
+            node = node.get(folded[end])
+            if node is None:
+                break
+        return best
 
     def without(self, filenames: Iterable[str]) -> EmbeddingIndex:
         """The same index minus some files (ones the text encoder cannot use), so they stay text."""
@@ -68,14 +128,13 @@ def embedding_index(filenames: Iterable[str]) -> EmbeddingIndex:
         name = embedding_name(filename)
         if name and not any(char.isspace() for char in name):
             files.setdefault(name.lower(), filename)
-    if not files:
-        return EmbeddingIndex({}, None)
-    # Longest names first, so `bad-hands-5` wins over `bad-hands` where both exist.
-    alternatives = "|".join(re.escape(name) for name in sorted(files, key=len, reverse=True))
-    pattern = re.compile(
-        f"{_NAME_EDGE_BEFORE}(?:{re.escape(EMBEDDING_PREFIX)})?({alternatives}){_NAME_EDGE_AFTER}", re.IGNORECASE
-    )
-    return EmbeddingIndex(files, pattern)
+    trie: dict = {}
+    for name, filename in files.items():
+        node = trie
+        for char in _fold_text(name):
+            node = node.setdefault(char, {})
+        node.setdefault(_END, filename)
+    return EmbeddingIndex(files, trie)
 
 
 def split_mentions(text: str, index: EmbeddingIndex) -> list[str | Mention]:

@@ -45,6 +45,8 @@ def fold_case(char: str) -> str:
 
 def _fold_text(text: str) -> str:
     """The text folded one character at a time (same length, same positions)."""
+    if text.isascii():
+        return text.lower()
     return "".join(map(fold_case, text))
 
 
@@ -54,21 +56,22 @@ def _is_name_character(char: str) -> bool:
 
 
 _FOLDED_PREFIX = _fold_text(EMBEDDING_PREFIX)
-_END = ""  # the trie key that holds the file of the name ending at that node (no name character is empty)
 
 
 @dataclass(frozen=True)
 class EmbeddingIndex:
-    """The installed embeddings by lower-case name (a file's stem), and a trie of their case-folded names that
-    finds them in text in one pass: the work is linear in the text and in the names' length, whatever their count."""
+    """The installed embeddings by lower-case name (a file's stem), and their case-folded names by first character
+    with the lengths they come in, so finding them in text costs a few dictionary look-ups per word edge of the
+    text (one per name length starting with that character), however many files there are."""
 
     files: dict[str, str]
-    trie: dict
+    by_folded_name: dict[str, str]
+    lengths_by_first: dict[str, tuple[int, ...]]  # longest first
 
     def find(self, text: str, count_step: Callable[[], None] | None = None) -> list[Mention]:
         """Every installed embedding named in text, bare or as `embedding:NAME`, in order, left to right, each the
-        longest name that ends at a name edge; `count_step` (for tests) is called once per trie step."""
-        if not self.trie:
+        longest name that ends at a name edge; `count_step` (for tests) is called once per name look-up."""
+        if not self.files:
             return []
         folded = _fold_text(text)
         mentions: list[Mention] = []
@@ -91,20 +94,20 @@ class EmbeddingIndex:
         return mentions
 
     def _longest_name(self, text: str, folded: str, start: int, count_step) -> tuple[str, int] | None:
-        """(file, end) of the longest name starting at `start` that ends at a name edge, or None."""
-        node, best = self.trie, None
-        for end in range(start, len(folded) + 1):
+        """(file, end) of the longest name written at `start` that ends at a name edge, or None."""
+        if start >= len(folded):
+            return None
+        for length in self.lengths_by_first.get(folded[start], ()):
+            end = start + length
+            if end > len(folded) or (end < len(text) and _is_name_character(text[end])):
+                continue
             if count_step is not None:
                 count_step()
-            filename = node.get(_END)
-            if filename is not None and end > start and (end == len(text) or not _is_name_character(text[end])):
-                best = (filename, end)
-            if end == len(folded):
-                break
-            node = node.get(folded[end])
-            if node is None:
-                break
-        return best
+            filename = self.by_folded_name.get(folded[start:end])
+            if filename is not None:
+                # the file of the written name's lower case where there is one (`ſ.pt` for `ſ`, `S.pt` for `S`)
+                return self.files.get(text[start:end].lower(), filename), end
+        return None
 
     def without(self, filenames: Iterable[str]) -> EmbeddingIndex:
         """The same index minus some files (ones the text encoder cannot use), so they stay text."""
@@ -128,13 +131,14 @@ def embedding_index(filenames: Iterable[str]) -> EmbeddingIndex:
         name = embedding_name(filename)
         if name and not any(char.isspace() for char in name):
             files.setdefault(name.lower(), filename)
-    trie: dict = {}
+    by_folded_name: dict[str, str] = {}
+    lengths: dict[str, set[int]] = {}
     for name, filename in files.items():
-        node = trie
-        for char in _fold_text(name):
-            node = node.setdefault(char, {})
-        node.setdefault(_END, filename)
-    return EmbeddingIndex(files, trie)
+        folded = _fold_text(name)
+        by_folded_name.setdefault(folded, filename)
+        lengths.setdefault(folded[0], set()).add(len(folded))
+    return EmbeddingIndex(files, by_folded_name,
+                          {first: tuple(sorted(found, reverse=True)) for first, found in lengths.items()})
 
 
 def split_mentions(text: str, index: EmbeddingIndex) -> list[str | Mention]:

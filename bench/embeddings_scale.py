@@ -85,8 +85,8 @@ def main():
             print(f"{count:>7} {label:<10} {index_s:>9.4f} {find_s:>9.4f} {index_s + find_s:>9.4f}", flush=True)
         same = rows["main"][2] == rows["now"][2]
         ratio = (rows["main"][0] + rows["main"][1]) / (rows["now"][0] + rows["now"][1])
-        print(f"{count:>7} {'main/now':<10} {rows['main'][0] / rows['trie'][0]:>8.1f}x "
-              f"{rows['main'][1] / rows['trie'][1]:>8.1f}x {ratio:>8.1f}x  same mentions: {same}", flush=True)
+        print(f"{count:>7} {'main/now':<10} {rows['main'][0] / rows['now'][0]:>8.1f}x "
+              f"{rows['main'][1] / rows['now'][1]:>8.1f}x {ratio:>8.1f}x  same mentions: {same}", flush=True)
 
 
 if __name__ == "__main__":

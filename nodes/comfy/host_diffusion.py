@@ -1,9 +1,10 @@
 """MultiDiffusion (our tile planner and blender) on the host's model objects: a model clone whose sampling steps
 denoise overlapping latent tiles."""
 import logging
+import weakref
 
 import comfy.model_management
-import comfy.samplers
+import comfy.patcher_extension
 import comfy.utils
 
 from ..core import multidiffusion, tiling
@@ -11,6 +12,10 @@ from .host_runtime import raise_if_interrupted, release_failed_try
 
 log = logging.getLogger("astria")
 DEFAULT_TILE_BATCH = 4
+WRAPPER_KEY = "astria_tiled_diffusion"
+EASYCACHE_KEY = "easycache"  # the key (and transformer_options entry) ComfyUI's EasyCache node installs under
+CALC_COND_BATCH = comfy.patcher_extension.WrappersMP.CALC_COND_BATCH
+DIFFUSION_MODEL = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
 
 
 def _resize_hint(hint, height, width):
@@ -18,35 +23,69 @@ def _resize_hint(hint, height, width):
     return comfy.utils.common_upscale(hint, width, height, "nearest-exact", "center")
 
 
+def _without_easycache(model_options):
+    """model_options for tile calls with EasyCache's model wrapper left out (its holder stays for its other parts)."""
+    transformer_options = dict(model_options["transformer_options"])
+    wrappers = dict(transformer_options["wrappers"])
+    wrappers[DIFFUSION_MODEL] = {key: found for key, found in wrappers[DIFFUSION_MODEL].items()
+                                 if key != EASYCACHE_KEY}
+    transformer_options["wrappers"] = wrappers
+    return {**model_options, "transformer_options": transformer_options}
+
+
+def _has_easycache(model_options) -> bool:
+    """Whether ComfyUI's EasyCache node's per-model-call wrapper is installed for this sampling run."""
+    wrappers = model_options.get("transformer_options", {}).get("wrappers", {})
+    return EASYCACHE_KEY in wrappers.get(DIFFUSION_MODEL, {})
+
+
 def with_tiled_diffusion(model, tile_size, overlap=tiling.DEFAULT_OVERLAP, tile_batch_size=DEFAULT_TILE_BATCH):
     """A clone of the model whose every sampling step denoises overlapping latent tiles and blends them
     (MultiDiffusion), for latents larger than one tile; smaller latents run untouched. On a GPU out-of-memory
-    error the step is retried once with half the tile size (and one tile per batch), and that stays in force."""
+    error the step is retried once with half the tile size (and one tile per batch), and that stays in force.
+
+    It is a composable `calc_cond_batch` wrapper (not the single `sampler_calc_cond_batch_function` slot): wrappers
+    installed before it run once per step around it, those installed after it run once per tile batch. EasyCache's
+    per-step state cannot follow tiles, so a tiled run leaves EasyCache out, with a warning."""
     current = {"tile": tile_size, "batch": tile_batch_size, "retried": False}
+    warned = weakref.WeakSet()  # EasyCache holders (one per sampling run) already warned about
 
     def plan_for(latent_height, latent_width):
         return tiling.latent_tile_plan(latent_height, latent_width, current["tile"], overlap)
 
     def build():
-        return multidiffusion.make_tiled_calc_cond_batch(plan_for, comfy.samplers.calc_cond_batch, current["batch"],
-                                                         should_cancel=raise_if_interrupted, resize=_resize_hint)
+        return multidiffusion.make_tiled_calc_cond_batch_wrapper(plan_for, current["batch"],
+                                                                 should_cancel=raise_if_interrupted,
+                                                                 resize=_resize_hint)
 
-    hooks = [build()]
+    tiled = [build()]
 
-    def hook(args):
+    def bypass_easycache(model_options):
+        holder = model_options["transformer_options"].get(EASYCACHE_KEY)
+        if holder is not None and holder not in warned:
+            warned.add(holder)
+            log.warning("Astria Tiled Diffusion: EasyCache is off for this tiled run (its step-skipping state "
+                        "follows one whole latent per step, not tiles, and would blend wrong tiles in). Leave "
+                        "EasyCache out of tiled runs, or use LazyCache, which works on the whole latent.")
+        return _without_easycache(model_options)
+
+    def wrapper(executor, model, conds, x, sigma, model_options):
+        if _has_easycache(model_options) and len(plan_for(*x.shape[-2:])) > 1:
+            model_options = bypass_easycache(model_options)
         if current["retried"]:
-            return hooks[0](args)
+            return tiled[0](executor, model, conds, x, sigma, model_options)
         try:
-            return hooks[0](args)
+            return tiled[0](executor, model, conds, x, sigma, model_options)
         except comfy.model_management.OOM_EXCEPTION:
             pass  # retried below, outside the handler, so the failed try's tensors can be freed first
         current.update(tile=max(256, current["tile"] // 2), batch=1, retried=True)
         log.warning("Astria tiled diffusion ran out of GPU memory; retrying with %d px tiles, one per batch",
                     current["tile"])
         release_failed_try()
-        hooks[0] = build()
-        return hooks[0](args)
+        tiled[0] = build()
+        return tiled[0](executor, model, conds, x, sigma, model_options)
 
     patched = model.clone()
-    patched.set_model_sampler_calc_cond_batch_function(hook)
+    patched.remove_wrappers_with_key(CALC_COND_BATCH, WRAPPER_KEY)  # a second Tiled Diffusion node replaces the first
+    patched.add_wrapper_with_key(CALC_COND_BATCH, WRAPPER_KEY, wrapper)
     return patched

@@ -6,6 +6,14 @@ delivered or failed. Events: `intent` (written before every create, with the see
 (the prompt id Astria answered), `refused` (a prompt we must not use: an old one returned by idempotency, or one
 held for another job), `delivered` and `failed`. The journal stores hashes, seeds and prompt ids, never prompt text
 or the API key.
+
+Compaction: when a load finds `COMPACT_AFTER_EVENTS` event lines or more, the file is rewritten as `snapshot` lines
+(one row per attempt that still matters: the newest of each job, and any other that holds a seed) followed by
+nothing; later events append after them. A snapshot keeps every seed ever sent per group and every prompt id
+claimed, so exactly-once holds across it. It is crash-safe: written to a side file, fsynced, renamed over the
+journal, directory fsynced; a kill before the rename leaves the old file (the side file is removed at the next
+load), after it the new one. Appends and compaction hold the same lock (a lock file beside the journal, locked
+with flock / msvcrt, and a thread lock) so no append of a concurrent job lands in a file being replaced.
 """
 from __future__ import annotations
 
@@ -13,15 +21,28 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
+
 logger = logging.getLogger("astria")
 
 JOURNAL_VERSION = 1
+SNAPSHOT_VERSION = 2  # snapshot lines (older packs skip them as unreadable)
+SNAPSHOT_EVENT = "snapshot"
+SNAPSHOT_ROWS_PER_LINE = 10_000
+COMPACT_AFTER_EVENTS = 1000
+COMPACTION_STEPS = ("written", "fsynced", "renamed", "directory_fsynced")
 OPEN_STATES = ("intent", "created", "refused")
 FINISHED_STATES = ("delivered", "failed")
 
@@ -83,9 +104,13 @@ class Attempt:
 class JobJournal:
     """Append-only, fsynced record of remote jobs; `path=None` keeps it in memory only (nothing survives)."""
 
-    def __init__(self, path: Optional[str | os.PathLike], *, wall_clock=time.time):
+    def __init__(self, path: Optional[str | os.PathLike], *, wall_clock=time.time,
+                 compact_after_events: int = COMPACT_AFTER_EVENTS,
+                 on_compaction_step: Optional[Callable[[str], None]] = None):
         self.path = Path(path) if path is not None else None
         self._wall_clock = wall_clock
+        self._compact_after_events = compact_after_events
+        self._on_compaction_step = on_compaction_step  # tests: called after each step of COMPACTION_STEPS
         self._attempts: dict[str, Attempt] = {}  # attempt id -> state
         self._latest_by_key: dict[str, str] = {}  # job key -> latest attempt id
         self._prompt_owner: dict[int, str] = {}  # prompt id -> job key that created or refused it
@@ -99,20 +124,85 @@ class JobJournal:
 
     # ---- reading -------------------------------------------------------------------------------------------
     def _load(self) -> None:
-        if not self.path.exists():
-            return
-        raw = self.path.read_bytes()
-        # A crash can leave a half-written last line: skip it, and start the next append on a fresh line.
-        self._needs_newline = bool(raw) and not raw.endswith(b"\n")
-        for number, line in enumerate(raw.split(b"\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                event = json.loads(line)
-                self._apply(event)
-            except (ValueError, KeyError, TypeError) as exc:
-                logger.warning("Skipping unreadable line %d of the Astria job journal %s (%s).", number, self.path,
-                               type(exc).__name__)
+        with _journal_lock(self.path):
+            side_file = _side_file(self.path)
+            if side_file.exists():
+                side_file.unlink()  # a compaction that died before its rename: the journal itself is whole
+            if not self.path.exists():
+                return
+            raw = self.path.read_bytes()
+            # A crash can leave a half-written last line: skip it, and start the next append on a fresh line.
+            self._needs_newline = bool(raw) and not raw.endswith(b"\n")
+            events = 0
+            for number, line in enumerate(raw.split(b"\n"), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    event = json.loads(line)
+                    if event["event"] == SNAPSHOT_EVENT:
+                        self._apply_snapshot(event)
+                    else:
+                        self._apply(event)
+                        events += 1
+                except (ValueError, KeyError, TypeError, IndexError) as exc:
+                    logger.warning("Skipping unreadable line %d of the Astria job journal %s (%s).", number,
+                                   self.path, type(exc).__name__)
+            if events >= self._compact_after_events:
+                self._compact()
+
+    def _apply_snapshot(self, line: Mapping[str, Any]) -> None:
+        for key, attempt_id, group, seed, state, prompt_id, intent_wall, error, latest, seeds in line.get(
+                "attempts", ()):
+            self._attempts[attempt_id] = Attempt(key=key, attempt=attempt_id, group=group, seed=int(seed),
+                                                 state=state, prompt_id=prompt_id, intent_wall=intent_wall,
+                                                 error=error)
+            if latest:
+                self._latest_by_key[key] = attempt_id
+            if seeds:
+                self._seeds_by_group.setdefault(group, set()).update((attempt_id, int(s)) for s in seeds)
+        for prompt_id, key in line.get("owners", ()):
+            self._prompt_owner[int(prompt_id)] = key
+
+    def _snapshot_lines(self) -> list[str]:
+        """The journal's whole state as snapshot lines: what a load of them rebuilds equals this view."""
+        seeds: dict[str, list[int]] = {}
+        for pairs in self._seeds_by_group.values():
+            for attempt_id, seed in pairs:
+                seeds.setdefault(attempt_id, []).append(seed)
+        latest = set(self._latest_by_key.values())
+        rows = [[a.key, a.attempt, a.group, a.seed, a.state, a.prompt_id, a.intent_wall, a.error,
+                 a.attempt in latest, sorted(seeds.get(a.attempt, ()))]
+                for a in self._attempts.values() if a.attempt in latest or a.attempt in seeds]
+        owners = [[prompt_id, key] for prompt_id, key in self._prompt_owner.items()]
+        lines = []
+        for name, items in (("attempts", rows), ("owners", owners)):
+            for start in range(0, len(items), SNAPSHOT_ROWS_PER_LINE):
+                lines.append(json.dumps({"v": SNAPSHOT_VERSION, "event": SNAPSHOT_EVENT,
+                                         name: items[start:start + SNAPSHOT_ROWS_PER_LINE]}))
+        return lines
+
+    def _compact(self) -> None:
+        """Rewrite the journal as snapshot lines, crash-safely (the caller holds the journal lock)."""
+        side_file = _side_file(self.path)
+        data = "".join(line + "\n" for line in self._snapshot_lines()).encode()
+        fd = os.open(side_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _write_all(fd, data)
+            self._compaction_step("written")
+            os.fsync(fd)
+            self._compaction_step("fsynced")
+        finally:
+            os.close(fd)
+        os.replace(side_file, self.path)
+        self._compaction_step("renamed")
+        _fsync_directory(self.path.parent)
+        self._compaction_step("directory_fsynced")
+        self._needs_newline = False
+        logger.info("Compacted the Astria job journal %s (%d attempts kept).", self.path, len(self._latest_by_key))
+
+    def _compaction_step(self, step: str) -> None:
+        if self._on_compaction_step is not None:
+            self._on_compaction_step(step)
 
     def _apply(self, event: Mapping[str, Any]) -> None:
         kind = event["event"]
@@ -175,18 +265,18 @@ class JobJournal:
         self._apply(line)  # updates the caller's Attempt object: it is the one in the index
 
     def _append(self, text: str) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        created = not self.path.exists()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            data = ("\n" if self._needs_newline else "") + text + "\n"
-            os.write(fd, data.encode())
-            os.fsync(fd)
-            self._needs_newline = False
-        finally:
-            os.close(fd)
-        if created:
-            _fsync_directory(self.path.parent)
+        with _journal_lock(self.path):
+            created = not self.path.exists()
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                data = ("\n" if self._needs_newline else "") + text + "\n"
+                _write_all(fd, data.encode())
+                os.fsync(fd)
+                self._needs_newline = False
+            finally:
+                os.close(fd)
+            if created:
+                _fsync_directory(self.path.parent)
 
     def begin(self, key: str, group: str, seed: int) -> Attempt:
         """Start a new attempt for a job (no event is written until its first intent)."""
@@ -207,3 +297,65 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (one call may write less)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _side_file(path: Path) -> Path:
+    """Where a compaction writes the new journal before renaming it over the old one."""
+    return path.with_name(path.name + ".compacting")
+
+
+_THREAD_LOCKS: dict[str, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+class _journal_lock:
+    """Exclusive use of a journal for one append or one load (with its compaction): a thread lock for this process
+    and a lock on `<journal>.lock` for other processes (flock; msvcrt on Windows)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with _THREAD_LOCKS_GUARD:
+            self.thread_lock = _THREAD_LOCKS.setdefault(os.path.abspath(path), threading.Lock())
+        self.fd: Optional[int] = None
+
+    def __enter__(self):
+        self.thread_lock.acquire()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            if fcntl is not None:
+                fcntl.flock(self.fd, fcntl.LOCK_EX)
+            else:
+                while True:
+                    try:
+                        msvcrt.locking(self.fd, msvcrt.LK_LOCK, 1)
+                        break
+                    except OSError:  # LK_LOCK gives up after about 10 s: keep waiting
+                        continue
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def __exit__(self, *exc_info):
+        self._release()
+
+    def _release(self) -> None:
+        if self.fd is not None:
+            try:
+                if fcntl is not None:
+                    fcntl.flock(self.fd, fcntl.LOCK_UN)
+                else:
+                    os.lseek(self.fd, 0, os.SEEK_SET)
+                    msvcrt.locking(self.fd, msvcrt.LK_UNLCK, 1)
+            finally:
+                os.close(self.fd)
+                self.fd = None
+        self.thread_lock.release()

@@ -11,16 +11,14 @@ import bisect
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 EMBEDDING_PREFIX = "embedding:"
 # A name is bounded by characters that cannot be part of one: a word character or `-` next to it means it is part
 # of a longer word (`tiny_neg` is not found inside `tiny_neg-v2` or `xtiny_neg`).
-_NAME_EDGE_BEFORE = r"(?<![\w-])"
-_NAME_EDGE_AFTER = r"(?![\w-])"
-_PREFIXED_WORD = re.compile(_NAME_EDGE_BEFORE + re.escape(EMBEDDING_PREFIX) + r"([^\s,()\[\]]+)", re.IGNORECASE)
+_PREFIXED_WORD = re.compile(r"(?<![\w-])" + re.escape(EMBEDDING_PREFIX) + r"([^\s,()\[\]]+)", re.IGNORECASE)
 _WORD = re.compile(r"[\w.-]+")
 
 
@@ -32,19 +30,84 @@ class Mention(NamedTuple):
     end: int
 
 
+def fold_case(char: str) -> str:
+    """One character's case-insensitive form: lower case through upper case, so `ſ`/`s`, `ı`/`i`, `ς`/`σ` and
+    `K`/`k` fold alike, as the regex engine's IGNORECASE matches them; a character whose case maps to several
+    (`ß` -> `SS`) is kept as it is."""
+    lower = char.lower()
+    if len(lower) != 1:
+        lower = char
+    upper = lower.upper()
+    if len(upper) == 1 and len(upper.lower()) == 1:
+        return upper.lower()
+    return lower
+
+
+def _fold_text(text: str) -> str:
+    """The text folded one character at a time (same length, same positions)."""
+    if text.isascii():
+        return text.lower()
+    return "".join(map(fold_case, text))
+
+
+def _is_name_character(char: str) -> bool:
+    """A character that may continue a word (`\\w` or `-`): a name cannot begin or end next to one."""
+    return char == "-" or char == "_" or char.isalnum()
+
+
+_FOLDED_PREFIX = _fold_text(EMBEDDING_PREFIX)
+
+
 @dataclass(frozen=True)
 class EmbeddingIndex:
-    """The installed embeddings by lower-case name (a file's stem), with the pattern that finds them in text."""
+    """The installed embeddings by lower-case name (a file's stem), and their case-folded names by first character
+    with the lengths they come in, so finding them in text costs a few dictionary look-ups per word edge of the
+    text (one per name length starting with that character), however many files there are."""
 
     files: dict[str, str]
-    pattern: re.Pattern | None
+    by_folded_name: dict[str, str]
+    lengths_by_first: dict[str, tuple[int, ...]]  # longest first
 
-    def find(self, text: str) -> list[Mention]:
-        """Every installed embedding named in text, bare or as `embedding:NAME`, in order."""
-        if self.pattern is None:
+    def find(self, text: str, count_step: Callable[[], None] | None = None) -> list[Mention]:
+        """Every installed embedding named in text, bare or as `embedding:NAME`, in order, left to right, each the
+        longest name that ends at a name edge; `count_step` (for tests) is called once per name look-up."""
+        if not self.files:
             return []
-        return [Mention(self.files[match.group(1).lower()], match.start(), match.end())
-                for match in self.pattern.finditer(text)]
+        folded = _fold_text(text)
+        mentions: list[Mention] = []
+        position = 0
+        while position < len(text):
+            if position > 0 and _is_name_character(text[position - 1]):
+                position += 1
+                continue
+            found = None
+            if folded.startswith(_FOLDED_PREFIX, position):
+                found = self._longest_name(text, folded, position + len(_FOLDED_PREFIX), count_step)
+            if found is None:
+                found = self._longest_name(text, folded, position, count_step)
+            if found is None:
+                position += 1
+                continue
+            filename, end = found
+            mentions.append(Mention(filename, position, end))
+            position = end
+        return mentions
+
+    def _longest_name(self, text: str, folded: str, start: int, count_step) -> tuple[str, int] | None:
+        """(file, end) of the longest name written at `start` that ends at a name edge, or None."""
+        if start >= len(folded):
+            return None
+        for length in self.lengths_by_first.get(folded[start], ()):
+            end = start + length
+            if end > len(folded) or (end < len(text) and _is_name_character(text[end])):
+                continue
+            if count_step is not None:
+                count_step()
+            filename = self.by_folded_name.get(folded[start:end])
+            if filename is not None:
+                # the file of the written name's lower case where there is one (`ſ.pt` for `ſ`, `S.pt` for `S`)
+                return self.files.get(text[start:end].lower(), filename), end
+        return None
 
     def without(self, filenames: Iterable[str]) -> EmbeddingIndex:
         """The same index minus some files (ones the text encoder cannot use), so they stay text."""
@@ -68,14 +131,14 @@ def embedding_index(filenames: Iterable[str]) -> EmbeddingIndex:
         name = embedding_name(filename)
         if name and not any(char.isspace() for char in name):
             files.setdefault(name.lower(), filename)
-    if not files:
-        return EmbeddingIndex({}, None)
-    # Longest names first, so `bad-hands-5` wins over `bad-hands` where both exist.
-    alternatives = "|".join(re.escape(name) for name in sorted(files, key=len, reverse=True))
-    pattern = re.compile(
-        f"{_NAME_EDGE_BEFORE}(?:{re.escape(EMBEDDING_PREFIX)})?({alternatives}){_NAME_EDGE_AFTER}", re.IGNORECASE
-    )
-    return EmbeddingIndex(files, pattern)
+    by_folded_name: dict[str, str] = {}
+    lengths: dict[str, set[int]] = {}
+    for name, filename in files.items():
+        folded = _fold_text(name)
+        by_folded_name.setdefault(folded, filename)
+        lengths.setdefault(folded[0], set()).add(len(folded))
+    return EmbeddingIndex(files, by_folded_name,
+                          {first: tuple(sorted(found, reverse=True)) for first, found in lengths.items()})
 
 
 def split_mentions(text: str, index: EmbeddingIndex) -> list[str | Mention]:

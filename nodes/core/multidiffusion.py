@@ -1,9 +1,10 @@
 """MultiDiffusion: denoise overlapping latent tiles in batches and blend them, at every sampler step.
 
 `multidiffusion` is the core (a latent, a plan, a callable that denoises a batch of crops). `tiled_calc_cond_batch`
-adapts it to ComfyUI's `model_options["sampler_calc_cond_batch_function"]` hook without importing ComfyUI: the
-host's own `calc_cond_batch` is passed in and called once per batch of tiles, with every conditioning area, mask,
-spatial model cond (inpaint concat latents) and ControlNet hint cropped to those tiles.
+adapts it to ComfyUI's composable `calc_cond_batch` wrapper without importing ComfyUI: the wrapper's executor (the
+next wrapper, and at the end the host's `_calc_cond_batch`) is passed in and called once per batch of tiles, with
+every conditioning area, mask, spatial model cond (inpaint concat latents) and ControlNet hint cropped to those
+tiles, so every wrapper installed after ours runs once per tile batch.
 """
 from __future__ import annotations
 
@@ -217,10 +218,10 @@ def tiled_calc_cond_batch(args: dict, plan_for: Callable[[int, int], TilePlan], 
                           tile_batch_size: int = 4, should_cancel: Callable[[], bool] | None = None,
                           progress: Progress | None = None, resize: Callable = default_resize,
                           control_cache: _ControlCache | None = None) -> list[torch.Tensor]:
-    """ComfyUI's `sampler_calc_cond_batch_function` hook, MultiDiffusion style.
+    """One `calc_cond_batch` call, MultiDiffusion style.
 
-    `args` is what the host passes (conds, input, sigma, model, model_options); `original_calc(model, conds, x,
-    sigma, model_options)` is the host's `comfy.samplers.calc_cond_batch`; `plan_for(latent_h, latent_w)` gives
+    `args` holds the call's conds, input, sigma, model and model_options; `original_calc(model, conds, x, sigma,
+    model_options)` is the wrapper's executor (or any calc_cond_batch); `plan_for(latent_h, latent_w)` gives
     the plan. Returns one blended prediction per cond list, as calc_cond_batch does. A plan of one tile calls
     `original_calc` unchanged.
     """
@@ -253,17 +254,18 @@ def tiled_calc_cond_batch(args: dict, plan_for: Callable[[int, int], TilePlan], 
     return _blend_batches(x, plan, run_batch, size, should_cancel, progress)
 
 
-def make_tiled_calc_cond_batch(plan_for: Callable[[int, int], TilePlan], original_calc: Callable,
-                               tile_batch_size: int = 4, should_cancel: Callable[[], bool] | None = None,
-                               progress: Progress | None = None, resize: Callable = default_resize):
-    """A ready hook for `model_options["sampler_calc_cond_batch_function"]` that keeps its ControlNet crops."""
+def make_tiled_calc_cond_batch_wrapper(plan_for: Callable[[int, int], TilePlan], tile_batch_size: int = 4,
+                                       should_cancel: Callable[[], bool] | None = None,
+                                       progress: Progress | None = None, resize: Callable = default_resize):
+    """A `calc_cond_batch` wrapper, `wrapper(executor, model, conds, x, sigma, model_options)`, that calls the
+    executor once per tile batch and keeps its ControlNet crops across steps."""
     cache = _ControlCache(resize)
 
-    def hook(args: dict) -> list[torch.Tensor]:
-        return tiled_calc_cond_batch(args, plan_for, original_calc, tile_batch_size, should_cancel, progress,
-                                     resize, cache)
+    def wrapper(executor, model, conds, x, sigma, model_options) -> list[torch.Tensor]:
+        args = {"conds": conds, "input": x, "sigma": sigma, "model": model, "model_options": model_options}
+        return tiled_calc_cond_batch(args, plan_for, executor, tile_batch_size, should_cancel, progress, resize, cache)
 
-    return hook
+    return wrapper
 
 
 def unet_amplification(plan: TilePlan) -> float:

@@ -49,23 +49,22 @@ def test_only_upscale_runs_tiled_when_the_target_is_larger_than_a_tile(comfy_hos
     assert torch.isfinite(out).all()
 
 
-def test_out_of_memory_retries_once_with_smaller_tiles(comfy_host, sd15_pixel, monkeypatch, caplog):
+def test_out_of_memory_retries_once_with_smaller_tiles(comfy_host, sd15_pixel, caplog):
     import comfy.model_management as mm
-    import comfy.samplers
+    import comfy.patcher_extension
 
     host_diffusion = comfy_host.pack_module.nodes.comfy.host_diffusion
-    real_calc = comfy.samplers.calc_cond_batch
     seen = []
 
-    def flaky_calc(model, conds, x, timestep, model_options):
+    def flaky_calc(executor, model, conds, x, timestep, model_options):  # a wrapper installed after ours: per tile
         seen.append(tuple(x.shape[-2:]))
         if len(seen) == 1:
             raise mm.OOM_EXCEPTION("CUDA out of memory (simulated)")
-        return real_calc(model, conds, x, timestep, model_options)
+        return executor(model, conds, x, timestep, model_options)
 
-    monkeypatch.setattr(comfy.samplers, "calc_cond_batch", flaky_calc)
     model, clip, _ = sd15_pixel
     tiled = host_diffusion.with_tiled_diffusion(model, 512, 64, 4)
+    tiled.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "flaky", flaky_calc)
     positive = comfy_host.nodes.CLIPTextEncode().encode(clip, "a photo")[0]
     latent = {"samples": torch.zeros(1, 4, 80, 80)}  # 640 px: 2 x 2 tiles of 512, then 3 x 3 of 256
     with torch.inference_mode():

@@ -942,3 +942,26 @@ def test_wait_settings_from_the_environment(monkeypatch):
     monkeypatch.setenv("ASTRIA_POLL_INTERVAL_S", "5")
     monkeypatch.setenv("ASTRIA_CREATE_SETTLE_S", "0")  # the settle wait may be 0, the others not
     assert astria_transport.settle_seconds_from_env() == 0.0
+
+
+def test_exactly_once_holds_across_a_journal_compaction(tmp_path):
+    path = tmp_path / "jobs.jsonl"
+    clock = FakeClock()
+
+    async def body(fake, client, clock):
+        first = await client.run_job(TUNE, FIELDS, INPUT_PNG, seed=1, slot=0)
+        JobJournal(path, wall_clock=clock.wall, compact_after_events=1)  # a restart that compacts
+        assert {json.loads(line)["event"] for line in path.read_text().splitlines()} == {"snapshot"}
+        compacted = JobJournal(path, wall_clock=clock.wall)  # the next restart reads only the snapshot
+        fake.prompts[first.prompt_id].created_t = clock()  # looks brand new: only the journal can tell
+        fake.faults.answer_with_prompt_id, fake.faults.answer_with_prompt_times = first.prompt_id, 1
+        async with make_client(fake, clock, compacted) as restarted:
+            second = await restarted.run_job(TUNE, FIELDS, png_bytes((16, 16), (1, 2, 3)), seed=1, slot=1)
+            again = await restarted.run_job(TUNE, FIELDS, INPUT_PNG, seed=1, slot=0)
+        return fake, first, again, second
+
+    fake, first, again, second = scenario(body, journal=JobJournal(path, wall_clock=clock.wall), clock=clock)
+    # the delivered job is fetched again; the other image cannot reuse seed 1 (sent) nor take prompt 1 (claimed)
+    assert again.resumed and again.prompt_id == first.prompt_id
+    assert [(r.fields["prompt[seed]"], r.status) for r in fake.creates()] == [("1", 201), ("2", 200), ("3", 201)]
+    assert second.seed == 3 and second.prompt_id != first.prompt_id

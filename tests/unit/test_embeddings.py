@@ -1,5 +1,7 @@
 """Bare textual-inversion names: found only where a file exists, written for ComfyUI, warned about when missing."""
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from comfyui_astria.nodes.core.embeddings import (
     Mention,
@@ -82,3 +84,73 @@ def test_missing_embeddings_are_warned_about_and_installed_ones_are_not():
     assert missing_embedding_warnings("EasyNegative EasyNegative", INDEX) == missing_embedding_warnings(
         "EasyNegative", INDEX)  # once per word
     assert missing_embedding_warnings("EasyNegative", embedding_index(["EasyNegative.pt"])) == []
+
+
+# ---- the matching rules, pinned before the index became linear (each held by the regex alternation on main) -----
+RULES = embedding_index(["neg.pt", "neg.v2.pt", "bad-hands.pt", "bad-hands-5.pt", "neg(1).pt", ".hidden.pt",
+                         "NégatifV2.pt", "a/Style.pt", "b/style.pt", "hands.pt"])
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("neg.v2 neg.v3 neg.", [("neg.v2.pt", "neg.v2"), ("neg.pt", "neg"), ("neg.pt", "neg")]),  # longest whole name
+    ("bad-hands-55 bad-hands-", []),  # neither the longer nor the shorter name ends at a name edge
+    ("bad-hands", [("bad-hands.pt", "bad-hands")]),  # `hands` inside it is not at a name edge
+    ("x-hands _hands hands_ hands2 2hands", []),
+    ("neg(1) neg(1)x (neg(1))", [("neg(1).pt", "neg(1)"), ("neg.pt", "neg"), ("neg(1).pt", "neg(1)")]),
+    ("x.hidden .hidden", [(".hidden.pt", ".hidden")]),
+    ("NÉGATIFV2, négatifv2", [("NégatifV2.pt", "NÉGATIFV2"), ("NégatifV2.pt", "négatifv2")]),
+    ("STYLE style", [("a/Style.pt", "STYLE"), ("a/Style.pt", "style")]),
+    ("EMBEDDING:neg Embedding:NEG.V2", [("neg.pt", "EMBEDDING:neg"), ("neg.v2.pt", "Embedding:NEG.V2")]),
+    ("xembedding:neg", [("neg.pt", "neg")]),  # the prefix is inside a word: the bare name after `:` is found
+    ("embedding:nothere neg", [("neg.pt", "neg")]),
+    ("embedding:neg.v2x", [("neg.pt", "embedding:neg")]),
+    ("embedding:neg-x", []),
+    ("neg,neg;neg\nneg\tneg", [("neg.pt", "neg")] * 5),
+    ("", []),
+])
+def test_matching_rules(text, expected):
+    assert found(text, RULES) == expected
+
+
+def test_mention_positions_cover_the_prefix():
+    assert RULES.find("a Embedding:NEG b") == [Mention("neg.pt", 2, 15)]
+    assert RULES.find("(neg.v2:1.1)") == [Mention("neg.v2.pt", 1, 7)]
+
+
+def test_matching_work_is_linear_in_the_text_whatever_the_number_of_files():
+    text = "a photo of a cat, neg_42, (style:1.1), neg_4999 neg_49999, embedding:neg_7 bad-hands, masterpiece " * 10
+    for count in (50, 5000, 50000):
+        index = embedding_index([f"neg_{i}.pt" for i in range(count)] + ["style.pt", "bad-hands.pt"])
+        steps = []
+        mentions = index.find(text, count_step=lambda: steps.append(1))
+        assert len(mentions) == 10 * (4 + (count >= 5000) + (count >= 50000)), count
+        assert len(steps) <= 2 * len(text), (count, len(steps))  # a few look-ups per word edge, not one per file
+
+
+def regex_find(files, text):
+    """The rule as one regex (how main matched): an optional prefix, the longest name, word edges either side."""
+    import re
+
+    index = embedding_index(files)
+    if not index.files:
+        return []
+    alternatives = "|".join(re.escape(name) for name in sorted(index.files, key=len, reverse=True))
+    pattern = re.compile(f"(?<![\\w-])(?:{re.escape('embedding:')})?({alternatives})(?![\\w-])", re.IGNORECASE)
+    return [(index.files[m.group(1).lower()], m.start(), m.end()) for m in pattern.finditer(text)]
+
+
+NAME_CHARS = "abAB-_.:(é1ſsSKkı"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(NAME_CHARS, min_size=1, max_size=5), max_size=6),
+       st.lists(st.one_of(st.text(NAME_CHARS + " ,", max_size=4), st.sampled_from(["embedding:", "EMBEDDING:"])),
+                max_size=8))
+def test_the_index_finds_what_the_regex_found(names, pieces):
+    files = [f"d{i}/{name}.pt" for i, name in enumerate(names)]
+    text = "".join(pieces) + " ".join(names)
+    try:
+        expected = regex_find(files, text)
+    except KeyError:  # main crashed where a name's lower case differs from its regex case match (`ſ` names)
+        return
+    assert [(m.filename, m.start, m.end) for m in embedding_index(files).find(text)] == expected

@@ -1,0 +1,138 @@
+"""Astria Tiled Diffusion composes with other packs: a `calc_cond_batch` wrapper among the host's other wrappers,
+a node that writes the single `sampler_calc_cond_batch_function` slot, and ComfyUI's EasyCache in both orders."""
+import pytest
+import torch
+
+from .conftest import run_node
+
+LATENT = (1, 4, 48, 40)  # 384 x 320 px: 2 x 2 tiles of at most 256 px
+SMALL_LATENT = (1, 4, 24, 24)  # 192 px: one tile, sampled untouched
+TILE, OVERLAP, TILE_BATCH = 256, 64, 2
+STEPS = 4  # EasyCache can skip from the third step on
+
+
+def sample(comfy_host, model, clip, shape=LATENT, steps=STEPS):
+    """KSampler (euler, cfg 5: cond and uncond) on a zero latent; returns the samples."""
+    nodes = comfy_host.nodes
+    positive = nodes.CLIPTextEncode().encode(clip, "a photo of a cat")[0]
+    negative = nodes.CLIPTextEncode().encode(clip, "blurry")[0]
+    with torch.inference_mode():
+        return nodes.KSampler().sample(model, 11, steps, 5.0, "euler", "normal", positive, negative,
+                                       {"samples": torch.zeros(shape)})[0]["samples"]
+
+
+def tiled(comfy_host, model):
+    host_diffusion = comfy_host.pack_module.nodes.comfy.host_diffusion
+    return host_diffusion.with_tiled_diffusion(model, TILE, OVERLAP, TILE_BATCH)
+
+
+def with_counter(model, name, events):
+    """A clone with a `calc_cond_batch` wrapper that logs its entry (with the latent size it is given) and exit."""
+    import comfy.patcher_extension
+
+    def counter(executor, model_, conds, x, sigma, model_options):
+        events.append((name, tuple(x.shape[-2:]), x.shape[0]))
+        out = executor(model_, conds, x, sigma, model_options)
+        events.append((name + " done", tuple(x.shape[-2:]), x.shape[0]))
+        return out
+
+    clone = model.clone()
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, name, counter)
+    return clone
+
+
+def tile_batches(comfy_host):
+    core = comfy_host.pack_module.nodes.core
+    plan = core.tiling.latent_tile_plan(LATENT[2], LATENT[3], TILE, OVERLAP)
+    return [[plan.tiles[i] for i in batch] for batch in core.multidiffusion.tile_batches(plan, TILE_BATCH)]
+
+
+@pytest.fixture(scope="module")
+def tiled_alone(comfy_host, sd15_pixel):
+    """Samples of tiled diffusion alone, by step count (each sampled once per module)."""
+    model, clip, _ = sd15_pixel
+    return {steps: sample(comfy_host, tiled(comfy_host, model), clip, steps=steps) for steps in (2, STEPS)}
+
+
+def test_wrappers_before_run_once_per_step_around_it_and_after_once_per_tile_batch(comfy_host, sd15_pixel,
+                                                                                      tiled_alone):
+    model, clip, _ = sd15_pixel
+    events = []
+    stacked = with_counter(tiled(comfy_host, with_counter(model, "before", events)), "after", events)
+    out = sample(comfy_host, stacked, clip, steps=2)
+    batches = tile_batches(comfy_host)
+    assert len(batches) == 2
+    one_step = [("before", LATENT[2:], 1)]
+    for batch in batches:
+        shape = (batch[0].height, batch[0].width)
+        one_step += [("after", shape, len(batch)), ("after done", shape, len(batch))]
+    one_step += [("before done", LATENT[2:], 1)]
+    assert events == one_step * 2, events  # cond and uncond go through one call per step, in the order installed
+    assert out.shape == LATENT
+    assert torch.equal(out, tiled_alone[2])  # the counters change nothing
+
+
+def test_a_node_that_writes_the_single_slot_keeps_tiled_diffusion(comfy_host, sd15_pixel, tiled_alone):
+    import comfy.samplers
+
+    model, clip, _ = sd15_pixel
+    calls = []
+
+    def slot_writer(args):  # what SkipLayerGuidanceDiTSimple's slot does outside its skipping range
+        calls.append(tuple(args["input"].shape[-2:]))
+        return comfy.samplers.calc_cond_batch(args["model"], args["conds"], args["input"], args["sigma"],
+                                              args["model_options"])
+
+    for order in ("slot after", "slot before"):
+        if order == "slot after":
+            stacked = tiled(comfy_host, model).clone()
+            stacked.set_model_sampler_calc_cond_batch_function(slot_writer)
+        else:
+            slotted = model.clone()
+            slotted.set_model_sampler_calc_cond_batch_function(slot_writer)
+            stacked = tiled(comfy_host, slotted)
+        seen = []
+        stacked = with_counter(stacked, "inside", seen)
+        calls.clear()
+        out = sample(comfy_host, stacked, clip, steps=2)
+        assert calls == [LATENT[2:]] * 2, order  # the slot's function ran, on the whole latent, once per step
+        shapes = [(batch[0].height, batch[0].width) for batch in tile_batches(comfy_host)]
+        assert [shape for name, shape, _ in seen if name == "inside"] == shapes * 2, order  # every tile batch
+        assert torch.equal(out, tiled_alone[2]), order
+
+
+def easycache(comfy_host, model, threshold):
+    return run_node(comfy_host, "EasyCache", model=model, reuse_threshold=threshold, start_percent=0.0,
+                    end_percent=1.0, verbose=False)[0]
+
+
+@pytest.mark.parametrize("order", ["easycache then tiled", "tiled then easycache"])
+def test_easycache_stacked_with_tiled_diffusion_never_blends_a_wrong_image(comfy_host, sd15_pixel, tiled_alone,
+                                                                          caplog, order):
+    model, clip, _ = sd15_pixel
+
+    def stack(threshold):
+        if order == "easycache then tiled":
+            return tiled(comfy_host, easycache(comfy_host, model, threshold))
+        return easycache(comfy_host, tiled(comfy_host, model), threshold)
+
+    alone = tiled_alone[STEPS]
+    assert torch.equal(sample(comfy_host, stack(0.0), clip), alone)
+    caplog.clear()
+    skipping = sample(comfy_host, stack(3.0), clip)
+    assert "EasyCache is off for this tiled run" in caplog.text
+    assert caplog.text.count("EasyCache is off") == 1  # once per sampling run, not per step
+    assert "EasyCache - skipped 0/" in caplog.text
+    assert torch.equal(skipping, alone)
+
+
+def test_easycache_still_skips_steps_in_runs_that_fit_one_tile(comfy_host, sd15_pixel, caplog):
+    model, clip, _ = sd15_pixel
+    alone = sample(comfy_host, tiled(comfy_host, model), clip, shape=SMALL_LATENT)
+    assert torch.equal(alone, sample(comfy_host, model, clip, shape=SMALL_LATENT))  # one tile: untouched
+    caplog.clear()
+    cached = sample(comfy_host, easycache(comfy_host, tiled(comfy_host, model), 3.0), clip, shape=SMALL_LATENT)
+    assert "EasyCache is off" not in caplog.text
+    assert "EasyCache - skipped 0/" not in caplog.text and "EasyCache - skipped" in caplog.text
+    assert torch.equal(cached, sample(comfy_host, easycache(comfy_host, model, 3.0), clip, shape=SMALL_LATENT))
+    assert not torch.equal(cached, alone)

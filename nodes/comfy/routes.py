@@ -86,12 +86,17 @@ def settings_report(prompt: syntax.AstriaPrompt) -> dict:
 
 
 def parse_report(text: str) -> dict:
-    """What POST /astria/parse answers for a prompt block: the parse, each LoRA's resolution, the settings."""
+    """What POST /astria/parse answers for a prompt block: the parse, each LoRA's resolution, the settings.
+
+    A refused prompt answers ok false with the error and the LoRAs of its other lines.
+    """
     try:
         prompt = syntax.parse_prompt(text)
     except syntax.AstriaSyntaxError as error:
-        return syntax_error_report(error)
-    loras = [{**resolve_for_route(name), "weight": weight} for name, weight in prompt.loras]
+        # The other lines' LoRAs still resolve: a missing file stays visible while the syntax error is fixed.
+        beside = syntax.loras_beside_error(text, error)
+        return json_safe({**syntax_error_report(error), "loras": resolved_loras(beside)})
+    loras = resolved_loras(prompt.loras)
     report = {
         "ok": True,
         "positive": prompt.positive,
@@ -104,6 +109,11 @@ def parse_report(text: str) -> dict:
         **settings_report(prompt),
     }
     return json_safe(report)
+
+
+def resolved_loras(loras) -> list:
+    """Each (name, weight) LoRA tag with its resolution, as the preview lists it."""
+    return [{**resolve_for_route(name), "weight": weight} for name, weight in loras]
 
 
 def loras_listing() -> dict:

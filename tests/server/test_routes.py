@@ -74,6 +74,17 @@ def test_a_syntax_error_comes_back_with_its_line_and_column(server):
     assert "steps=16" in error["fix"]
 
 
+def test_a_syntax_error_keeps_the_missing_loras_of_the_other_lines(server):
+    text = "a photo <lora:tiny_sd15_lor:0.5>\n<lora:tiny_sd15_lora:0.3> hills\n<lora:bad --only_upscale\nsteps=16"
+    status, report = parse(server, text)
+    assert status == 200 and report["ok"] is False
+    assert (report["error"]["line"], report["error"]["column"]) == (3, 1)
+    missing, found = report["loras"]
+    assert (missing["name"], missing["ok"], missing["weight"]) == ("tiny_sd15_lor", False, 0.5)
+    assert DEMO_LORA in missing["candidates"]
+    assert (found["name"], found["ok"], found["file"]) == ("tiny_sd15_lora", True, DEMO_LORA)
+
+
 def test_remote_only_unknown_and_local_impossible_items_are_told_apart(server):
     remote_flag, remote_param = spec_tables.REMOTE_ONLY_FLAGS[0], spec_tables.REMOTE_ONLY_PARAMS[0]
     _, report = parse(server, f"a photo --{remote_flag} --no_such_flag\n{remote_param}=true")

@@ -41,6 +41,20 @@ function row(label, parts, className = "") {
   return line;
 }
 
+/** The mark and colour of each level, worst first: what fails the run, what only informs, all good. */
+const LEVELS = {
+  error: { mark: "✖", className: "astria-missing" },
+  warn: { mark: "⚠", className: "astria-warn" },
+  ok: { mark: "✔", className: "astria-ok" },
+};
+
+/** The first row: the level's mark (in the level's colour) before the summary. */
+function statusRow(level, parts, className) {
+  const line = row(LEVELS[level].mark, parts, className);
+  line.firstChild.classList.add(LEVELS[level].className, "astria-mark");
+  return line;
+}
+
 /** A value as Astria writes it: true -> flag alone, null -> empty. */
 function shown(value) {
   if (value === null || value === undefined) return "";
@@ -88,6 +102,7 @@ function settingsRow(settings) {
 /** Fill `container` with the preview of one parse answer (replacing what it showed). */
 export function renderReport(container, report, text) {
   container.replaceChildren();
+  delete container.dataset.worst;
   if (!report) {
     container.dataset.state = "empty";
     return;
@@ -97,9 +112,11 @@ export function renderReport(container, report, text) {
     const error = report.error || {};
     const where = error.line ? `Syntax error at line ${error.line}, column ${error.column}: ` : "Error: ";
     const detail = error.problem ? `${error.problem}; ${error.fix}` : error.message;
-    container.appendChild(row("✖", [el("span", "astria-syntax-error", where + detail)], "astria-error"));
+    container.dataset.worst = "error";
+    container.appendChild(statusRow("error", [el("span", "astria-syntax-error", where + detail)], "astria-error"));
     const excerpt = error.line ? errorExcerpt(text, error.line, error.column) : null;
     if (excerpt) container.appendChild(excerpt);
+    for (const line of loraRows(report.loras || [])) container.appendChild(line); // the other lines' LoRAs
     return;
   }
   container.dataset.state = "ok";
@@ -108,7 +125,10 @@ export function renderReport(container, report, text) {
   const params = Object.entries(report.params);
   const status = `${report.loras.length} LoRA(s)${missing ? `, ${missing} missing` : ""}, ${flags.length} flag(s), ` +
     `${params.length} parameter(s)`;
-  container.appendChild(row("✔", [el("span", missing ? "astria-missing" : "astria-ok", status)], "astria-status"));
+  // The mark says what the worst item below says: a missing LoRA fails the run, a warning only informs.
+  const worst = missing ? "error" : report.settings_error || (report.warnings || []).length ? "warn" : "ok";
+  container.dataset.worst = worst;
+  container.appendChild(statusRow(worst, [el("span", LEVELS[worst].className, status)], "astria-status"));
   for (const line of loraRows(report.loras)) container.appendChild(line);
   if (flags.length) {
     container.appendChild(row("Flags", [flags.map(([k, v]) => (v === true ? `--${k}` : `--${k} ${shown(v)}`)).join(" ")]));
@@ -138,4 +158,5 @@ export function renderReport(container, report, text) {
 export function renderFailure(container, message) {
   container.replaceChildren(row("Preview unavailable", [el("span", "astria-warn", message)]));
   container.dataset.state = "unavailable";
+  delete container.dataset.worst;
 }

@@ -19,6 +19,23 @@ EXAMPLE_INPUT = "astria_example_input.png"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FRONTEND_ONLY_NODES = {"Note", "MarkdownNote"}  # drawn by the frontend, never sent to the server
 NODE_WIDTH = 320
+# Astria Prompt's size in the templates: tall enough that the live preview of the docs' example shows whole (no
+# scrolling) under the text box at the frontend's default font (measured on frontends 1.32.9 and 1.58.1).
+PROMPT_NODE_SIZE = [460, 560]
+# The saved view (extra.ds) fits the whole graph into the smallest common window (1280x720 CSS px) below the
+# frontend's top bar and beside its left toolbar, so no node title starts hidden under the menus.
+FIT_VIEWPORT = (1280, 720)
+FIT_MARGINS = {"left": 70, "top": 110, "right": 20, "bottom": 60}
+BELOW_PROMPT = 60 + PROMPT_NODE_SIZE[1] + 40  # the y of what sits under Astria Prompt
+NODE_TITLE_HEIGHT = 30  # LiteGraph draws the title above a node's pos
+# The file stems are what the frontend shows: the server lists stems, the frontend uses them as the card's title
+# (as written) and description (with - and _ as spaces). So they are plain words.
+TEMPLATE_NAMES = {
+    "only_upscale": "Astria Only Upscale",
+    "only_upscale_advanced": "Astria Only Upscale from single nodes",
+    "four_x_large": "Astria 4x large with Tiled Diffusion",
+    "remote_upscale": "Astria Remote Upscale through the API",
+}
 
 
 
@@ -110,6 +127,20 @@ def output_type(schema, index) -> str:
     return "COMBO" if isinstance(kind, list) else kind
 
 
+def fit_view(nodes, groups) -> dict:
+    """The canvas view (LiteGraph's ds: screen = (canvas + offset) * scale) that shows every node and group whole."""
+    boxes = [(n["pos"][0], n["pos"][1] - NODE_TITLE_HEIGHT, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in nodes]
+    boxes += [(x, y, x + w, y + h) for x, y, w, h in (group["bounding"] for group in groups)]
+    left, top = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    right, bottom = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    room_w = FIT_VIEWPORT[0] - FIT_MARGINS["left"] - FIT_MARGINS["right"]
+    room_h = FIT_VIEWPORT[1] - FIT_MARGINS["top"] - FIT_MARGINS["bottom"]
+    scale = min(1.0, room_w / (right - left), room_h / (bottom - top))
+    return {"scale": round(scale, 4), "offset": [round(FIT_MARGINS["left"] / scale - left, 1),
+                                                 round(FIT_MARGINS["top"] / scale - top, 1)]}
+
+
 class Graph:
     """One workflow under construction: nodes with widget values, links by input name."""
 
@@ -195,7 +226,7 @@ class Graph:
                 "links": ui_links,
                 "groups": [{"id": index, "title": group["title"], "bounding": group["bounding"], "color": "#3f789e",
                             "font_size": 24, "flags": {}} for index, group in enumerate(self.groups, start=1)],
-                "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [40, 40]}}, "version": 0.4}
+                "config": {}, "extra": {"ds": fit_view(nodes, self.groups)}, "version": 0.4}
 
     def _input_slot(self, node_id, input_name):
         """Index of the input in the UI node's `inputs` list (sockets, plus widgets that are linked)."""
@@ -234,7 +265,7 @@ def only_upscale(schemas) -> Graph:
     g = Graph(schemas)
     g.node(1, "LoadImage", [40, 60], image=EXAMPLE_INPUT, size=[300, 330])
     g.node(2, "CheckpointLoaderSimple", [40, 440], ckpt_name=DEMO_CHECKPOINT)
-    g.node(3, "AstriaPrompt", [380, 60], text=EXAMPLE_PROMPT, size=[460, 420])
+    g.node(3, "AstriaPrompt", [380, 60], text=EXAMPLE_PROMPT, size=PROMPT_NODE_SIZE)
     g.node(4, "AstriaOnlyUpscaleFromPrompt", [880, 60], size=[340, 520])
     g.node(5, "SaveImage", [1260, 60], filename_prefix="astria_only_upscale", size=[420, 460])
     g.link(1, 0, 4, "image")
@@ -243,7 +274,7 @@ def only_upscale(schemas) -> Graph:
     g.link(2, 2, 4, "vae")
     g.link(3, 0, 4, "astria_prompt")
     g.link(4, 0, 5, "images")
-    g.note(6, [380, 520], [460, 230], (
+    g.note(6, [380, BELOW_PROMPT], [460, 230], (
         "## Astria Only Upscale\n\nPaste a prompt copied from Astria's gallery into **Astria Prompt**; the preview "
         "under it shows what will be applied, LoRAs that are missing and syntax errors.\n\n"
         "LoRA names like `more_details` are mapped to your files in `user/default/astria/lora_aliases.json`.\n\n"
@@ -257,9 +288,9 @@ def only_upscale_advanced(schemas) -> Graph:
     g = Graph(schemas)
     g.node(1, "LoadImage", [40, 60], image=EXAMPLE_INPUT, size=[300, 330])
     g.node(2, "CheckpointLoaderSimple", [40, 440], ckpt_name=DEMO_CHECKPOINT)
-    g.node(3, "AstriaPrompt", [380, 60], text=EXAMPLE_PROMPT, size=[460, 420])
-    g.node(4, "AstriaLoraLoader", [380, 520])
-    g.node(5, "AstriaEncode", [380, 760])
+    g.node(3, "AstriaPrompt", [380, 60], text=EXAMPLE_PROMPT, size=PROMPT_NODE_SIZE)
+    g.node(4, "AstriaLoraLoader", [380, BELOW_PROMPT])
+    g.node(5, "AstriaEncode", [380, BELOW_PROMPT + 240])
     g.node(6, "AstriaSettings", [880, 520])
     g.node(7, "AstriaOnlyUpscale", [1240, 60], size=[340, 560])
     g.node(8, "SaveImage", [1620, 60], filename_prefix="astria_only_upscale_advanced", size=[420, 460])
@@ -313,8 +344,8 @@ def four_x_large(schemas) -> Graph:
     g.node(1, "LoadImage", [40, 60], image=EXAMPLE_INPUT, size=[300, 330])
     g.node(2, "CheckpointLoaderSimple", [40, 440], ckpt_name=DEMO_CHECKPOINT)
     g.node(3, "UpscaleModelLoader", [40, 600], model_name=DEMO_UPSCALE_MODEL)
-    g.node(4, "AstriaPrompt", [380, 60], text=EXAMPLE_PROMPT, size=[460, 420])
-    g.node(5, "AstriaTiledDiffusion", [380, 520])
+    g.node(4, "AstriaPrompt", [380, 60], text=EXAMPLE_PROMPT, size=PROMPT_NODE_SIZE)
+    g.node(5, "AstriaTiledDiffusion", [380, BELOW_PROMPT])
     g.node(6, "AstriaOnlyUpscaleFromPrompt", [880, 60], size=[340, 560], scale=4.0)
     g.node(7, "SaveImage", [1260, 60], filename_prefix="astria_4x_large", size=[420, 460])
     g.link(2, 0, 5, "model")
@@ -325,7 +356,7 @@ def four_x_large(schemas) -> Graph:
     g.link(4, 0, 6, "astria_prompt")
     g.link(3, 0, 6, "upscale_model")
     g.link(6, 0, 7, "images")
-    g.note(8, [380, 740], [460, 220], (
+    g.note(8, [380, BELOW_PROMPT + 220], [460, 220], (
         "## 4x large\n\nThe upscale model enlarges first (4x ESRGAN-type), then the diffusion pass adds detail in "
         "tiles (Astria Tiled Diffusion), and the VAE works in tiles, so 4K+ outputs fit in memory.\n\n"
         f"Pick a real upscale model instead of the demo's `{DEMO_UPSCALE_MODEL}`."))
@@ -337,22 +368,23 @@ def remote_upscale(schemas) -> Graph:
     g = Graph(schemas)
     g.node(1, "LoadImage", [40, 60], image=EXAMPLE_INPUT, size=[300, 330])
     g.node(2, "RepeatImageBatch", [40, 440], amount=2)
-    g.node(3, "AstriaPrompt", [380, 60], text=EXAMPLE_PROMPT, size=[460, 420])
+    g.node(3, "AstriaPrompt", [380, 60], text=EXAMPLE_PROMPT, size=PROMPT_NODE_SIZE)
     g.node(4, "AstriaRemoteUpscale", [880, 60], size=[340, 300])
     g.node(5, "SaveImage", [1260, 60], filename_prefix="astria_remote_upscale", size=[420, 460])
     g.link(1, 0, 2, "image")
     g.link(2, 0, 4, "image")
     g.link(3, 0, 4, "astria_prompt")
     g.link(4, 0, 5, "images")
-    g.note(6, [380, 520], [460, 220], (
+    g.note(6, [380, BELOW_PROMPT], [460, 220], (
         "## Astria Remote Upscale\n\nSends each image of the batch with the prompt to Astria's API and returns "
         "the upscaled images. It needs your Astria API key (see the README: never put it in a widget) and "
         "costs Astria credits per image."))
     return g
 
 
-BUILDERS = {"astria_only_upscale": only_upscale, "astria_only_upscale_advanced": only_upscale_advanced,
-            "astria_4x_large": four_x_large, "astria_remote_upscale": remote_upscale}
+BUILDERS = {TEMPLATE_NAMES["only_upscale"]: only_upscale,
+            TEMPLATE_NAMES["only_upscale_advanced"]: only_upscale_advanced,
+            TEMPLATE_NAMES["four_x_large"]: four_x_large, TEMPLATE_NAMES["remote_upscale"]: remote_upscale}
 
 
 def load_schemas(args) -> dict:

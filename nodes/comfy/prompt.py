@@ -17,6 +17,21 @@ def parse_for_node(text):
         raise ValueError(f"Astria prompt: {error}") from error
 
 
+def text_refusal(text):
+    """None when the parser accepts `text`; else the sentence ComfyUI shows before the run (line, column, fix).
+
+    ComfyUI words a failed validation "Custom validation failed for node: text - <ours>"; ours names the prompt.
+    A linked text (another node's output) is None at validation time and is checked when the node runs.
+    """
+    if text is None:
+        return None
+    try:
+        syntax.parse_prompt(text)
+    except syntax.AstriaSyntaxError as error:
+        return f"the Astria prompt does not parse at {error}"
+    return None
+
+
 def comfy_text(text, weighting):
     """Prompt text in ComfyUI's syntax with the same weights (or verbatim, brackets escaped, for `none`)."""
     converted = attention.comfy_literal(text) if weighting == "none" else attention.to_comfy(text)
@@ -60,6 +75,11 @@ class AstriaPrompt(io.ComfyNode):
                 io.String.Output(display_name="summary"),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, text) -> bool | str:
+        """Refuse before the run what the parser refuses; only `text` is named, so ComfyUI still checks the rest."""
+        return text_refusal(text) or True
 
     @classmethod
     def execute(cls, text) -> io.NodeOutput:

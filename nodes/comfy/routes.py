@@ -6,6 +6,8 @@ preview shows and what a run does can never disagree. Answers carry relative LoR
 import asyncio
 import logging
 import math
+import re
+from pathlib import Path
 
 import folder_paths
 from aiohttp import web
@@ -17,6 +19,12 @@ from . import lora
 _registered = False
 MAX_PROMPT_CHARS = 1_000_000  # the parser is linear; this only stops a runaway client from sending gigabytes
 MAX_NAME_CHARS = 1_000
+# The folder ComfyUI loaded the pack from (its name is the pack's id in /extensions/<name>/ and in python_module);
+# __file__ is not resolved, so a linked clone keeps the link's name.
+PACK_FOLDER = Path(__file__).parents[2]
+HELP_PAGES = PACK_FOLDER / "js" / "docs"
+_HELP_NODE = re.compile(r"[A-Za-z][A-Za-z0-9]{0,99}")
+_HELP_LOCALE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8}){0,2}")
 
 
 def register() -> None:
@@ -33,6 +41,9 @@ def register() -> None:
     routes = PromptServer.instance.routes
     for method, path, handler in ROUTES:
         routes.route(method, path)(handler)
+    # Registered with the API routes, which ComfyUI adds before its static /extensions/<pack> folders, so this
+    # answers first: both frontends ask docs/<Node>/<locale>.md before docs/<Node>.md (the static file).
+    routes.get(f"/extensions/{PACK_FOLDER.name}/docs/{{node}}/{{locale}}.md")(help_page_route)
     _registered = True
     logging.getLogger("astria").debug("registered %d /astria routes", len(ROUTES))
 
@@ -86,12 +97,17 @@ def settings_report(prompt: syntax.AstriaPrompt) -> dict:
 
 
 def parse_report(text: str) -> dict:
-    """What POST /astria/parse answers for a prompt block: the parse, each LoRA's resolution, the settings."""
+    """What POST /astria/parse answers for a prompt block: the parse, each LoRA's resolution, the settings.
+
+    A refused prompt answers ok false with the error and the LoRAs of its other lines.
+    """
     try:
         prompt = syntax.parse_prompt(text)
     except syntax.AstriaSyntaxError as error:
-        return syntax_error_report(error)
-    loras = [{**resolve_for_route(name), "weight": weight} for name, weight in prompt.loras]
+        # The other lines' LoRAs still resolve: a missing file stays visible while the syntax error is fixed.
+        beside = syntax.loras_beside_error(text, error)
+        return json_safe({**syntax_error_report(error), "loras": resolved_loras(beside)})
+    loras = resolved_loras(prompt.loras)
     report = {
         "ok": True,
         "positive": prompt.positive,
@@ -104,6 +120,11 @@ def parse_report(text: str) -> dict:
         **settings_report(prompt),
     }
     return json_safe(report)
+
+
+def resolved_loras(loras) -> list:
+    """Each (name, weight) LoRA tag with its resolution, as the preview lists it."""
+    return [{**resolve_for_route(name), "weight": weight} for name, weight in loras]
 
 
 def loras_listing() -> dict:
@@ -161,6 +182,22 @@ async def resolve_route(request: web.Request) -> web.Response:
     if len(name) > MAX_NAME_CHARS:
         return bad_request(f"the LoRA name is {len(name)} characters; at most {MAX_NAME_CHARS} are resolved")
     return web.json_response(await asyncio.to_thread(resolve_for_route, name))
+
+
+def help_page(node: str, locale: str) -> Path | None:
+    """The one help page of a node for every locale (js/docs/<Node>.md), or None for names that are not ours."""
+    if not _HELP_NODE.fullmatch(node) or not _HELP_LOCALE.fullmatch(locale):
+        return None
+    page = HELP_PAGES / f"{node}.md"
+    return page if page.is_file() else None
+
+
+async def help_page_route(request: web.Request) -> web.Response:
+    """GET /extensions/<pack>/docs/<Node>/<locale>.md: the node's page (English for now), as Markdown."""
+    page = help_page(request.match_info["node"], request.match_info["locale"])
+    if page is None:
+        raise web.HTTPNotFound(text="no help page of this pack has that name")
+    return web.Response(text=page.read_text(encoding="utf-8"), content_type="text/markdown", charset="utf-8")
 
 
 async def spec_route(request: web.Request) -> web.Response:

@@ -812,3 +812,22 @@ def _format_param(value: Any) -> str:
     if isinstance(value, float):
         return _format_number(value)
     return str(value)
+
+
+def loras_beside_error(text: str, error: AstriaSyntaxError) -> list[tuple[str, float]]:
+    """The `<lora:..>` tags of the prompt lines other than the refused one, so a preview can show both problems.
+
+    Only lines that hold prompt text are read (as parse_prompt reads them); a line whose own tags do not parse is
+    skipped, like the refused line.
+    """
+    lines = _ZERO_WIDTH.sub("", text.removeprefix(_BOM)).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    found: list[tuple[str, float]] = []
+    for index in range(_first_param_line(lines)):
+        if index + 1 == error.line:
+            continue
+        try:
+            _, tags = _extract_tags(lines[index], index + 1)
+        except AstriaSyntaxError:
+            continue
+        found += [(name, weight) for kind, name, weight in tags if kind == "lora"]
+    return found

@@ -13,7 +13,7 @@ from PIL import Image
 
 from comfyui_astria.tests.support import paths
 
-WORKFLOW = paths.PACK_ROOT / "workflows" / "astria_only_upscale.json"
+WORKFLOW = paths.PACK_ROOT / "workflows" / "Astria Only Upscale.json"
 EXAMPLE_INPUT = "astria_example_input.png"
 TINY_INPUT = "astria_tiny_input.png"
 SHOTS = Path(__file__).resolve().parent / "screenshots"

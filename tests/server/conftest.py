@@ -37,7 +37,7 @@ def free_port() -> int:
 class ComfyServer:
     """A running ComfyUI process: its URL, folders and log, with small HTTP helpers."""
 
-    def __init__(self, base, env_extra=None):
+    def __init__(self, base, env_extra=None, args_extra=()):
         self.base = base
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -50,7 +50,7 @@ class ComfyServer:
                    "--extra-model-paths-config", str(yaml), "--disable-auto-launch",
                    "--user-directory", str(self.dirs["user"]), "--input-directory", str(self.dirs["input"]),
                    "--output-directory", str(self.dirs["output"]), "--temp-directory", str(self.dirs["temp"]),
-                   "--database-url", f"sqlite:///{self.dirs['user']}/comfyui.db"]
+                   "--database-url", f"sqlite:///{self.dirs['user']}/comfyui.db", *args_extra]
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
         self.log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(command, cwd=paths.COMFY_DIR, stdout=self.log_file,

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from comfyui_astria.nodes.core import spec_tables
+from comfyui_astria.tests.support import paths
 
 DEMO_LORA = "tiny_sd15_lora.safetensors"
 EXAMPLE = """masterpiece, best quality, <lora:more_details:0.5> <lora:SDXLrender_v2.0:1> --only_upscale
@@ -74,6 +75,17 @@ def test_a_syntax_error_comes_back_with_its_line_and_column(server):
     assert "steps=16" in error["fix"]
 
 
+def test_a_syntax_error_keeps_the_missing_loras_of_the_other_lines(server):
+    text = "a photo <lora:tiny_sd15_lor:0.5>\n<lora:tiny_sd15_lora:0.3> hills\n<lora:bad --only_upscale\nsteps=16"
+    status, report = parse(server, text)
+    assert status == 200 and report["ok"] is False
+    assert (report["error"]["line"], report["error"]["column"]) == (3, 1)
+    missing, found = report["loras"]
+    assert (missing["name"], missing["ok"], missing["weight"]) == ("tiny_sd15_lor", False, 0.5)
+    assert DEMO_LORA in missing["candidates"]
+    assert (found["name"], found["ok"], found["file"]) == ("tiny_sd15_lora", True, DEMO_LORA)
+
+
 def test_remote_only_unknown_and_local_impossible_items_are_told_apart(server):
     remote_flag, remote_param = spec_tables.REMOTE_ONLY_FLAGS[0], spec_tables.REMOTE_ONLY_PARAMS[0]
     _, report = parse(server, f"a photo --{remote_flag} --no_such_flag\n{remote_param}=true")
@@ -129,3 +141,25 @@ def test_resolve_answers_for_one_name(server):
 
 def test_spec_serves_the_core_tables(server):
     assert server.get("/astria/spec") == json.loads(json.dumps(spec_tables.as_json()))
+
+
+def test_every_locale_path_of_a_nodes_help_answers_with_its_one_page(server):
+    pack = paths.PACK_FOLDER_NAME
+    node_ids = sorted(name for name, info in server.get("/object_info").items()
+                      if info["python_module"] == f"custom_nodes.{pack}")
+    assert "AstriaPrompt" in node_ids
+    for node_id in node_ids:
+        page = (paths.PACK_ROOT / "js" / "docs" / f"{node_id}.md").read_bytes()
+        for path in (f"{node_id}/en.md", f"{node_id}/zh.md", f"{node_id}/pt-BR.md", f"{node_id}.md"):
+            status, body = server.request(f"/extensions/{pack}/docs/{path}")
+            assert (status, body) == (200, page), f"{path} -> {status}"
+    assert list((paths.PACK_ROOT / "js" / "docs").glob("*/")) == [], "one page per node: no locale copies"
+
+
+def test_help_paths_that_are_not_our_pages_are_not_found(server):
+    pack = paths.PACK_FOLDER_NAME
+    for path in ("NoSuchNode/en.md", "AstriaPrompt/..%2F..%2Fastria.preview.md", "..%2Fastria/en.md"):
+        status, _ = server.request(f"/extensions/{pack}/docs/{path}")
+        assert status == 404, path
+    status, _ = server.request(f"/extensions/{pack}/astria.preview.js")
+    assert status == 200, "the pack's static files are still served"

@@ -2,6 +2,7 @@
 each UI workflow and its API twin are the same graph, and every API twin runs on the test models at 64 px."""
 import json
 import shutil
+import urllib.parse
 
 import pytest
 from PIL import Image
@@ -11,8 +12,13 @@ from comfyui_astria.tests.support import paths
 from .conftest import output_images
 
 WORKFLOWS = paths.PACK_ROOT / "workflows"
-NAMES = ["astria_only_upscale", "astria_only_upscale_advanced", "astria_4x_large", "astria_remote_upscale"]
-REMOTE = "astria_remote_upscale"  # runs against the fake Astria server in the remote node's own tests
+ONLY_UPSCALE, ADVANCED = "Astria Only Upscale", "Astria Only Upscale from single nodes"
+FOUR_X, REMOTE = "Astria 4x large with Tiled Diffusion", "Astria Remote Upscale through the API"
+NAMES = [ONLY_UPSCALE, ADVANCED, FOUR_X, REMOTE]  # REMOTE runs against the fake Astria server in the node's tests
+# The view a loaded template opens with must show every node whole in a 1280x720 window: below the top bar, right
+# of the left toolbar (both frontends), so no title starts under the menus.
+SMALL_WINDOW = (1280, 720)
+TOP_BAR_PX, LEFT_TOOLBAR_PX = 100, 60
 EXAMPLE_INPUT = "astria_example_input.png"
 TINY_INPUT = "astria_tiny_input.png"
 TINY_SIDE_PX = 64  # the only-upscale's minimum input side; the full-size VAE costs seconds per 128 px on CPU
@@ -24,7 +30,7 @@ FRONTEND_ONLY = {"Note", "MarkdownNote"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_CONTROLS = {"fixed", "increment", "decrement", "randomize"}
 # Output side for a 64 px square input: scale 2 (docs' default), 4 for the 4x workflow.
-EXPECTED_SIDES = {"astria_only_upscale": [128], "astria_only_upscale_advanced": [128, 128], "astria_4x_large": [256]}
+EXPECTED_SIDES = {ONLY_UPSCALE: [128], ADVANCED: [128, 128], FOUR_X: [256]}
 
 
 def load(name, api=False):
@@ -171,8 +177,33 @@ def test_the_workflow_ships_with_its_thumbnail_and_api_twin(name):
 def test_comfyui_lists_the_workflows_as_the_packs_templates(server):
     templates = server.get("/api/workflow_templates")
     assert sorted(templates[paths.PACK_FOLDER_NAME]) == sorted(NAMES)
-    status, body = server.request(f"/api/workflow_templates/{paths.PACK_FOLDER_NAME}/astria_only_upscale.json")
+    quoted = urllib.parse.quote(ONLY_UPSCALE)  # as the browser asks for it
+    status, body = server.request(f"/api/workflow_templates/{paths.PACK_FOLDER_NAME}/{quoted}.json")
     assert status == 200 and json.loads(body)["nodes"]
+    status, thumbnail = server.request(f"/api/workflow_templates/{paths.PACK_FOLDER_NAME}/{quoted}.jpg")
+    assert status == 200 and thumbnail[:3] == b"\xff\xd8\xff"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_template_name_reads_as_its_title(name):
+    # The 0.3.75 server lists file stems; the frontend shows the stem as the title and, with - and _ as spaces,
+    # as the description: plain words make both read well.
+    assert name.startswith("Astria ") and not set(name) & set("_-.")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_saved_view_shows_every_node_below_the_menus(name):
+    workflow = load(name)
+    view = workflow["extra"]["ds"]
+    scale, (offset_x, offset_y) = view["scale"], view["offset"]
+    for node in workflow["nodes"]:
+        left = (node["pos"][0] + offset_x) * scale
+        title_top = (node["pos"][1] - 30 + offset_y) * scale
+        right = (node["pos"][0] + node["size"][0] + offset_x) * scale
+        bottom = (node["pos"][1] + node["size"][1] + offset_y) * scale
+        where = f"node {node['id']} ({node['type']}) at screen {left:.0f},{title_top:.0f}-{right:.0f},{bottom:.0f}"
+        assert left >= LEFT_TOOLBAR_PX and title_top >= TOP_BAR_PX, f"{where}: under the menus"
+        assert right <= SMALL_WINDOW[0] and bottom <= SMALL_WINDOW[1], f"{where}: outside a {SMALL_WINDOW} window"
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -2,7 +2,8 @@
 # Everything built lives in ONE cache root outside the clone, one subfolder per pinned version, so a fresh clone
 # reuses it and a second run finishes in seconds:
 #   $ASTRIA_CACHE/host-0.3.75/{venv,ComfyUI}   the ComfyUI host we build (skipped with COMFYUI_PATH)
-#   $ASTRIA_CACHE/models-v1/                   generated tiny test/demo models (seeded, real formats)
+#   $ASTRIA_CACHE/models-v1/                   generated tiny test/demo models (seeded, real formats; the demo
+#                                              checkpoint and LoRA have their own stamp, .built-demo)
 #   $ASTRIA_CACHE/tools-v1/                    ruff + comfy-cli for the quality gates
 #   $ASTRIA_CACHE/testdeps-<python>/           pytest + hypothesis when the host python is not ours
 #   $ASTRIA_CACHE/run/<clone-hash>/            generated extra_model_paths yaml + custom_nodes link folder
@@ -18,6 +19,7 @@ HOST_ROOT="$ASTRIA_CACHE/host-$COMFY_VERSION_PINNED"
 MODELS_DIR="$ASTRIA_CACHE/models-v1"
 TOOLS_DIR="$ASTRIA_CACHE/tools-v1"
 MODELS_STAMP_SPEC="models-v1 sd15 pixel extras"
+DEMO_MODELS_STAMP_SPEC="demo-v1 smooth-vae silent-unet"
 TEST_DEPS="pytest==9.2.0 hypothesis==6.170.17"
 TOOL_DEPS="ruff==0.17.6 comfy-cli==1.23.0"
 NEEDED_FREE_GB=8
@@ -145,8 +147,14 @@ print(" ".join(m for m in modules if importlib.util.find_spec(m) is None))
         die "$HOST_PY cannot import: $missing (install ComfyUI's requirements: $HOST_PY -m pip install -r $COMFY_DIR/requirements.txt)"
 }
 
-# Generate the seeded tiny models (SD1.5 layout, pixel VAE, LoRA, embedding, ESRGAN, ControlNet) once.
+# Generate the seeded tiny models (SD1.5 layout, pixel VAE, LoRA, embedding, ESRGAN, ControlNet) once, then the
+# demo models beside them.
 ensure_models() {
+    ensure_test_models
+    ensure_demo_models
+}
+
+ensure_test_models() {
     local stamp="$MODELS_DIR/.built"
     if [[ -f "$stamp" && "$(cat "$stamp")" == "$MODELS_STAMP_SPEC" ]]; then
         return 0
@@ -165,6 +173,31 @@ ensure_models() {
     rm -rf "$MODELS_DIR"
     mv "$partial" "$MODELS_DIR"
     echo "$MODELS_STAMP_SPEC" >"$stamp"
+}
+
+# The demo checkpoint and LoRA (the templates' models) beside the test models, with their own stamp, so a cache
+# built before them only gains these two files. The checkpoint: a smooth exact VAE, a UNet that predicts no noise.
+ensure_demo_models() {
+    local stamp="$MODELS_DIR/.built-demo"
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$DEMO_MODELS_STAMP_SPEC" ]]; then
+        return 0
+    fi
+    say "generating the demo checkpoint and LoRA in $MODELS_DIR (first run only, under a minute)"
+    local partial="$MODELS_DIR/.demo.partial" kind file
+    rm -rf "$partial"
+    mkdir -p "$partial"
+    "$HOST_PY" "$PACK_DIR/tools/make_tiny_sd15.py" "$partial" --comfy "$COMFY_DIR" --vae smooth --unet silent \
+        --name tiny_sd15_demo --lora-name tiny_sd15_demo_lora --embedding-name "" >"$partial/demo.log" 2>&1 ||
+        die "demo model generation failed; see $partial/demo.log"
+    for kind in checkpoints loras; do
+        mkdir -p "$MODELS_DIR/$kind"
+        for file in "$partial/$kind"/*.safetensors; do
+            mv -f "$file" "$MODELS_DIR/$kind/"
+        done
+    done
+    mv -f "$partial/demo.log" "$MODELS_DIR/demo.log"
+    rm -rf "$partial"
+    echo "$DEMO_MODELS_STAMP_SPEC" >"$stamp"
 }
 
 # pytest + hypothesis for the host python: into our own venv, or a --target folder beside the user's python.

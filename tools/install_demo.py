@@ -13,7 +13,8 @@ from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_INPUT = PACK_ROOT / "workflows" / "astria_example_input.png"
-DEMO_LORA = "tiny_sd15_lora.safetensors"
+DEMO_LORA = "tiny_sd15_demo_lora.safetensors"
+EARLIER_DEMO_LORA = "tiny_sd15_lora.safetensors"  # what earlier versions of this script aliased the names to
 DOCS_LORA_NAMES = ("more_details", "SDXLrender_v2.0")
 ALIAS_SUBPATH = Path("user") / "default" / "astria" / "lora_aliases.json"
 ALIAS_COMMENT = ("Astria LoRA name -> file in your loras folder. The demo maps the docs' names to the tiny demo "
@@ -21,10 +22,13 @@ ALIAS_COMMENT = ("Astria LoRA name -> file in your loras folder. The demo maps t
 
 
 def merged_aliases(existing: dict, names=DOCS_LORA_NAMES, target=DEMO_LORA) -> dict:
-    """The user's aliases plus the demo ones; an entry the user already has is never replaced."""
+    """The user's aliases plus the demo ones; an entry the user already has is never replaced (one this script wrote
+    for the earlier demo LoRA is moved to the current one)."""
     merged = dict(existing)
     merged.setdefault("_comment", ALIAS_COMMENT)
     for name in names:
+        if merged.get(name) == EARLIER_DEMO_LORA:
+            merged[name] = target
         merged.setdefault(name, target)
     return merged
 
@@ -51,7 +55,7 @@ def install(comfy: Path, models: Path) -> list[str]:
     alias_path = comfy / ALIAS_SUBPATH
     existing = read_aliases(alias_path)
     aliases = merged_aliases(existing)
-    added = [name for name in DOCS_LORA_NAMES if name not in existing]
+    added = [name for name in DOCS_LORA_NAMES if existing.get(name) != aliases[name]]
     if aliases != existing:
         alias_path.parent.mkdir(parents=True, exist_ok=True)
         alias_path.write_text(json.dumps(aliases, indent=2) + "\n", encoding="utf-8")

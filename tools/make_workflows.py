@@ -13,7 +13,7 @@ from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = PACK_ROOT / "workflows"
-DEMO_CHECKPOINT = "tiny_sd15_pixel.safetensors"
+DEMO_CHECKPOINT = "tiny_sd15_demo.safetensors"
 DEMO_UPSCALE_MODEL = "tiny_esrgan_x4.safetensors"
 EXAMPLE_INPUT = "astria_example_input.png"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}

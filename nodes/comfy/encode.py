@@ -205,7 +205,8 @@ def _encode_one(clip, encoders, vocabularies, text, weighting, index, label, not
                 return _zeroed(conditioning)
             return conditioning
     except attention.AttentionSyntaxError as error:
-        raise ValueError(f"Astria Encode, {label} prompt: {error}") from error
+        error.args = (f"{label} prompt: {error}",)  # which prompt; raised as it is, not wrapped in another error
+        raise
     notes += [f"{label}: {warning}" for warning in converted.warnings]
     return encode_text(clip, converted.text)
 

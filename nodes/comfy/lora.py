@@ -71,7 +71,8 @@ def apply_prompt_loras(model, clip, prompt, scale_model=1.0, scale_clip=1.0, on_
             log.warning("Astria LoRA %s skipped: %s", shorten(tag_name), error)
             report.append(f"SKIPPED {shorten(tag_name)}: {error}")
         else:
-            raise ValueError(f"<lora:{shorten(tag_name)}>: {error}")
+            error.args = (f"<lora:{shorten(tag_name)}>: {error}",)  # which tag; raised as it is, not wrapped
+            raise error
     report += [f"warning: {warning}" for warning in plan.warnings]
     for planned in plan.loras:
         path = folder_paths.get_full_path_or_raise("loras", planned.filename)
@@ -80,8 +81,8 @@ def apply_prompt_loras(model, clip, prompt, scale_model=1.0, scale_clip=1.0, on_
             continue
         try:
             state_dict = LORA_FILES.load(path)
-        except Exception as error:  # the file is named, with the loader's reason
-            raise ValueError(f"LoRA file {planned.filename} could not be loaded: {error}") from error
+        except Exception as error:  # the file is named, with the loader's reason (its traceback adds nothing)
+            raise lora_core.LoraResolutionError(f"LoRA file {planned.filename} could not be loaded: {error}") from None
         model, clip = comfy.sd.load_lora_for_models(model, clip, state_dict, strength_model, strength_clip)
     report = plan.report_lines() + report
     if scale_model != 1.0 or scale_clip != 1.0:

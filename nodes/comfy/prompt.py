@@ -10,11 +10,9 @@ EXAMPLE_PROMPT = spec_tables.DOCS_UPSCALE_EXAMPLE
 
 
 def parse_for_node(text):
-    """The parsed prompt; a syntax error becomes the node's error with the spec's message (line, column, fix)."""
-    try:
-        return syntax.parse_prompt(text)
-    except syntax.AstriaSyntaxError as error:
-        raise ValueError(f"Astria prompt: {error}") from error
+    """The parsed prompt; a syntax error is the node's error as it is (ComfyUI shows `ComfyUI-Astria.
+    AstriaSyntaxError: line L, column C: problem; fix`)."""
+    return syntax.parse_prompt(text)
 
 
 def text_refusal(text):
@@ -40,10 +38,7 @@ def comfy_text(text, weighting):
 
 def prompt_summary(prompt, defaults):
     """What was understood: LoRAs, flags, settings, remote-only items, warnings (for the summary output)."""
-    try:
-        understood = settings.sampler_settings(prompt, defaults)
-    except settings.AstriaSettingsError as error:
-        raise ValueError(f"Astria prompt: {error}") from error
+    understood = settings.sampler_settings(prompt, defaults)  # AstriaSettingsError: the node's error as it is
     lines = [f"Prompt: {prompt.positive}"]
     if prompt.negative_prompt:
         lines.append(f"Negative: {prompt.negative_prompt}")

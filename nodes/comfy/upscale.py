@@ -227,10 +227,7 @@ class AstriaOnlyUpscaleFromPrompt(io.ComfyNode):
             steps=steps, cfg=cfg, denoise=denoise, sampler_name=sampler_name, scheduler=scheduler, seed=seed,
             scale=scale, has_upscale_model=upscale_model is not None, has_control_net=control_net is not None,
             weighting=None if weighting == "from prompt" else weighting)
-        try:
-            understood = settings.sampler_settings(astria_prompt, defaults)
-        except settings.AstriaSettingsError as error:
-            raise ValueError(f"Astria prompt: {error}") from error
+        understood = settings.sampler_settings(astria_prompt, defaults)  # AstriaSettingsError as it is
         model, clip, lora_report = apply_prompt_loras(model, clip, astria_prompt)
         positive, negative, encode_notes = encode_prompt(clip, astria_prompt, understood.weighting)
         results = []

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .user_errors import shown_as_pack
 
+
+@shown_as_pack
 class AstriaError(Exception):
     """Base of every error the Astria client raises; its text is meant for the user."""
 
 
+@shown_as_pack
 class AstriaAuthError(AstriaError):
     """Astria answered 401: the API key is missing, wrong or revoked."""
 
 
+@shown_as_pack
 class AstriaRequestRejected(AstriaError):
     """Astria refused a request (422 validation or another 4xx): retrying the same request cannot help."""
 
@@ -22,10 +27,12 @@ class AstriaRequestRejected(AstriaError):
         self.server_text = server_text
 
 
+@shown_as_pack
 class AstriaNotFound(AstriaRequestRejected):
     """Astria does not know the prompt (or tune) asked for."""
 
 
+@shown_as_pack
 class AstriaPromptFailed(AstriaError):
     """Astria ran the prompt and reported a `user_error` for it."""
 
@@ -35,6 +42,7 @@ class AstriaPromptFailed(AstriaError):
         self.user_error = user_error
 
 
+@shown_as_pack
 class AstriaTimeout(AstriaError):
     """A step ran past its deadline; the message names the step and the prompt id when there is one."""
 
@@ -44,6 +52,7 @@ class AstriaTimeout(AstriaError):
         self.prompt_id = prompt_id
 
 
+@shown_as_pack
 class AstriaCancelled(AstriaError):
     """The user cancelled; the message says whether a (billable) prompt already exists on Astria."""
 
@@ -61,17 +70,21 @@ class AstriaCancelled(AstriaError):
         self.maybe_created = maybe_created
 
 
+@shown_as_pack
 class AstriaAmbiguousCreate(AstriaError):
     """A create failed in a way that may still have saved the prompt (5xx, timeout, dropped connection)."""
 
 
+@shown_as_pack
 class AstriaDuplicateRefused(AstriaError):
     """Astria kept answering creates with prompts that belong to other requests; nothing of ours was created."""
 
 
+@shown_as_pack
 class AstriaProtocolError(AstriaError):
     """Astria (or something in between) answered in a way the client cannot use, e.g. a redirect."""
 
 
+@shown_as_pack
 class AstriaDownloadError(AstriaError):
     """An image could not be downloaded or is not a usable image."""

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from .user_errors import shown_as_pack
+
 ROUND_MULTIPLIER = 1.1
 # A1111 multiplies by the reciprocal instead of dividing by 1.1; the two differ in the last bit for some weights.
 SQUARE_MULTIPLIER = 1 / 1.1
@@ -35,6 +37,7 @@ _BREAK_WORD = re.compile(r"\bBREAK\b")
 _ROUND_TOKEN = re.compile(r"\\[()\[\]\\]?|\(|:\s*[+-]?[.\d]+\s*\)|\)")
 
 
+@shown_as_pack
 class AttentionSyntaxError(ValueError):
     """A prompt's attention brackets cannot be read; says where (line, column, offset) and how to fix it."""
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .names import SHOWN_NAME_CHARS, unsafe_name_reason
+from .user_errors import shown_as_pack
 
 ALIAS_FILE_SUBPATH = "astria/lora_aliases.json"
 """Where the alias file lives, relative to the default user's data folder (`<user dir>/default/`)."""
@@ -34,6 +35,7 @@ CLOSEST_NAMES_SHOWN = 3
 _COMPARED_NAME_CHARS = 255
 
 
+@shown_as_pack
 class LoraResolutionError(ValueError):
     """A LoRA name that cannot be used: unsafe, ambiguous, not loadable, or not found; the message says what to do."""
 
@@ -42,14 +44,17 @@ class LoraResolutionError(ValueError):
         self.candidates = tuple(candidates)
 
 
+@shown_as_pack
 class LoraAmbiguousError(LoraResolutionError):
     """Several files answer to the name; `.candidates` lists them."""
 
 
+@shown_as_pack
 class LoraNotFoundError(LoraResolutionError):
     """No file answers to the name (the case `on_missing = skip` may pass over); `.candidates` holds the closest."""
 
 
+@shown_as_pack
 class AliasFileError(ValueError):
     """The alias file cannot be read as aliases; the message names the file, the line and what to fix."""
 

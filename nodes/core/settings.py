@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from . import spec_tables as tables
 from .names import shorten
 from .syntax import AstriaPrompt, format_flag, format_param_line
+from .user_errors import shown_as_pack
 
 WEIGHTING_MODES = ("lpw", "a1111", "comfy", "none")
 OFF = "off: nothing to do"
@@ -19,6 +20,7 @@ UNSET = "unset: nothing to do"
 MAX_DENOISE_FOR_STEPS = 0.999  # A1111 img2img caps denoise here when counting steps, so 1.0 never starts past sigma 0
 
 
+@shown_as_pack
 class AstriaSettingsError(ValueError):
     """A prompt that parses but cannot run locally (e.g. `scheduler=tcd`), or node defaults out of range."""
 

@@ -55,6 +55,7 @@ from typing import Any
 from . import spec_tables as tables
 from .attention import spaced_weights
 from .names import unsafe_name_reason
+from .user_errors import shown_as_pack
 
 MAX_WARNINGS = 50  # a pasted megabyte of duplicates must not turn the summary into a megabyte of warnings
 _SHOWN_VALUE_CHARS = 40  # values quoted in messages are cut to this length
@@ -88,6 +89,7 @@ _DECIMAL_COMMA = re.compile(r"[+-]?[0-9]*,[0-9]+")
 _MAX_INT_DIGITS = 30  # longer integers are out of every range; also keeps int() away from its digit limit
 
 
+@shown_as_pack
 class AstriaSyntaxError(ValueError):
     """A prompt the parser refuses; the message names the problem, the line and column (1-based) and the fix."""
 
@@ -99,7 +101,13 @@ class AstriaSyntaxError(ValueError):
         super().__init__(f"line {line}, column {column}: {problem}; {fix}")
 
     def __reduce__(self):
-        return type(self), (self.line, self.column, self.problem, self.fix)
+        # by a function of this module: the class's shown module name is not importable
+        return _rebuild_syntax_error, (self.line, self.column, self.problem, self.fix)
+
+
+def _rebuild_syntax_error(line: int, column: int, problem: str, fix: str) -> AstriaSyntaxError:
+    """An AstriaSyntaxError from its parts (what unpickling calls)."""
+    return AstriaSyntaxError(line, column, problem, fix)
 
 
 class FrozenMap(Mapping):

@@ -7,10 +7,13 @@ import comfy.samplers
 import comfy.utils
 
 from ..core import multidiffusion, tiling
-from .host_runtime import raise_if_interrupted, release_failed_try
+from .host_runtime import memory_budget, raise_if_interrupted, refuse_unless_fits, release_failed_try
 
 log = logging.getLogger("astria")
 DEFAULT_TILE_BATCH = 4
+LATENT_COPIES = 6
+"""Latent-sized float32 tensors a tiled step holds beside the UNet's tile work: the input, the blended cond and
+uncond sums, their weights, the sampler's own state."""
 
 
 def _resize_hint(hint, height, width):
@@ -34,6 +37,12 @@ def with_tiled_diffusion(model, tile_size, overlap=tiling.DEFAULT_OVERLAP, tile_
     hooks = [build()]
 
     def hook(args):
+        if "checked" not in current:
+            x = args["input"]
+            refuse_unless_fits(f"tiled diffusion of a {x.shape[-1] * 8}x{x.shape[-2] * 8} px image (batch "
+                               f"{x.shape[0]})", x.numel() * 4 * LATENT_COPIES, memory_budget(),
+                               "lower the image size or the batch size (or free RAM)")
+            current["checked"] = True
         if current["retried"]:
             return hooks[0](args)
         try:

@@ -452,8 +452,10 @@ def _attention(source: _Activation, block, settings: _Settings) -> _Activation:
     def compute(tile):
         normed = _norm(tile, block.norm, stats)
         queries = _positions(block.q(normed))[:, None]
-        parts = [F.scaled_dot_product_attention(queries[:, :, i:i + chunk], keys, values)
-                 for i in range(0, queries.shape[2], chunk)]
+        parts = []
+        for i in range(0, queries.shape[2], chunk):
+            settings.tick()  # one tile's queries against a large image's keys take minutes: Cancel between chunks
+            parts.append(F.scaled_dot_product_attention(queries[:, :, i:i + chunk], keys, values))
         b, c, h, w = tile.shape
         attended = torch.cat(parts, dim=2)[:, 0].view(b, h, w, c).permute(0, 3, 1, 2)  # channels_last, no copy
         return tile + block.proj_out(attended)

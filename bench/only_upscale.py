@@ -47,8 +47,9 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def rss_bytes(pid):
-    """Resident memory of a process and its children (Linux /proc)."""
+def rss_bytes(pid, field="VmRSS"):
+    """Resident memory of a process and its children (Linux /proc): VmRSS, or RssAnon (without mapped file pages,
+    such as the tiled VAE's spill file, which the kernel can write out and drop)."""
     total = 0
     pids = [pid]
     try:
@@ -58,11 +59,18 @@ def rss_bytes(pid):
         pass
     for one in pids:
         try:
-            match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{one}/status").read_text())
+            match = re.search(field + r":\s+(\d+) kB", Path(f"/proc/{one}/status").read_text())
             total += int(match.group(1)) * 1024 if match else 0
         except OSError:
             pass
     return total
+
+
+def memory_bound(size):
+    """The issue's bound above the idle server: the checkpoint's weights + 4 float32 RGB images at the output size +
+    2 GiB."""
+    out = 2 * size
+    return (MODELS_DIR / "checkpoints" / CHECKPOINT).stat().st_size + 4 * out * out * 3 * 4 + 2 * 2**30
 
 
 def torch_reserved(url):
@@ -164,7 +172,9 @@ def run_case(name, graph_for, size, use_gpu, comfy_args=()):
             except OSError:
                 time.sleep(0.5)
         baseline = rss_bytes(process.pid)
+        anon_baseline = rss_bytes(process.pid, "RssAnon")
         peak = [baseline]
+        anon_peak = [anon_baseline]
         gpu_baseline = torch_reserved(url) if use_gpu else 0
         gpu_peak = [gpu_baseline]
         done = threading.Event()
@@ -172,6 +182,7 @@ def run_case(name, graph_for, size, use_gpu, comfy_args=()):
         def sample():
             while not done.is_set():
                 peak[0] = max(peak[0], rss_bytes(process.pid))
+                anon_peak[0] = max(anon_peak[0], rss_bytes(process.pid, "RssAnon"))
                 if use_gpu:
                     gpu_peak[0] = max(gpu_peak[0], torch_reserved(url))
                 time.sleep(0.05)
@@ -193,9 +204,11 @@ def run_case(name, graph_for, size, use_gpu, comfy_args=()):
         status = history[prompt_id]["status"]["status_str"]
         text = (work / "log.txt").read_text(errors="replace")
         steps = [int(m) for m in re.findall(r"(\d+)/\d+ \[", text)]
+        vae_ways = sorted(set(re.findall(r"Astria (VAE (?:en|de)code: [^(;]*)", text)))
         return {"case": name, "size": size, "status": status, "seconds": elapsed,
-                "peak_rss_gb": (peak[0] - baseline) / 2**30, "peak_gpu_gb": (gpu_peak[0] - gpu_baseline) / 2**30,
-                "sampler_steps": max(steps) if steps else None}
+                "peak_rss_gb": (peak[0] - baseline) / 2**30, "peak_anon_gb": (anon_peak[0] - anon_baseline) / 2**30,
+                "peak_gpu_gb": (gpu_peak[0] - gpu_baseline) / 2**30,
+                "sampler_steps": max(steps) if steps else None, "vae_ways": vae_ways}
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -223,7 +236,9 @@ def main():
             rows.append(row)
             gpu = f"  GPU reserved peak +{row['peak_gpu_gb']:.2f} GB" if args.gpu else ""
             print(f"{size:>5}->{size * 2:<5} {name:<10} {row['status']:<8} {row['seconds']:8.1f} s  "
-                  f"peak +{row['peak_rss_gb']:.2f} GB{gpu}  steps {row['sampler_steps']}", flush=True)
+                  f"peak +{row['peak_rss_gb']:.2f} GB (RssAnon +{row['peak_anon_gb']:.2f} GB; bound "
+                  f"{memory_bound(size) / 2**30:.2f} GB){gpu}  steps {row['sampler_steps']}  "
+                  f"{'; '.join(w.strip() for w in row['vae_ways'])}", flush=True)
     if args.only_ours:
         return
     print("\nratios ours / built-ins (target: time <= 0.30, peak RSS <= 0.8)")

@@ -20,8 +20,10 @@ synchronize to a synchronize; peak = torch.cuda.max_memory_allocated() above the
 loaded (peak stats reset just before). The header names the card and torch version; the VAE's dtype is ComfyUI's
 choice (bf16 on recent cards) unless --vae-dtype says otherwise.
 
-`ours-ram` (only when asked for with --modes): ours with the activations between layers kept in RAM
-(`storage_device="cpu"`), what the nodes do when the GPU's free memory is short; on CPU it equals `ours`.
+`ours` runs the way the nodes plan it (`host_vae.plan`: activations in RAM while the working memory takes at most
+2 GB, else spilled to a temporary file; the row names the way); `ours-ram` and `ours-spill` (only when asked for with
+--modes) force one way. CPU rows also give the peak RssAnon (sampled every 20 ms): resident memory without mapped
+file pages, i.e. without the spill file's pages, which the kernel may write out and drop at any time.
 
 `td`: TiledDiffusion's Tiled VAE (github.com/shiimizu/ComfyUI-TiledDiffusion, tiled_vae.py), a comparison only.
 Its licence forbids commercial use, so it is never copied into this repo or imported by the pack: the case process
@@ -47,6 +49,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import types
 from pathlib import Path
@@ -54,7 +57,7 @@ from pathlib import Path
 import torch
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
-MODES = ["untiled", "host", "ours", "ours-ram", "td"]
+MODES = ["untiled", "host", "ours", "ours-ram", "ours-spill", "td"]
 WARMUP_SIZE = 256
 TD_PACKAGE = "_td_bench"  # private name: TiledDiffusion's folder never becomes an importable top-level package
 
@@ -98,8 +101,8 @@ def _status_kib(field: str) -> int:
 
 
 def measure(fn, cuda: bool):
-    """fn() -> (result, seconds, peak extra MiB): GPU memory allocated above the allocation just before on CUDA,
-    resident memory above the resident size just before on CPU."""
+    """fn() -> (result, seconds, peak extra MiB, peak extra RssAnon MiB): GPU memory allocated above the allocation
+    just before on CUDA (RssAnon 0), resident memory above the resident size just before on CPU."""
     gc.collect()
     if cuda:
         torch.cuda.synchronize()
@@ -110,15 +113,27 @@ def measure(fn, cuda: bool):
         out = fn()
         torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        return out, seconds, (torch.cuda.max_memory_allocated() - base) / 2**20
+        return out, seconds, (torch.cuda.max_memory_allocated() - base) / 2**20, 0.0
     _libc.malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    rss0 = _status_kib("VmRSS")
+    rss0, anon0 = _status_kib("VmRSS"), _status_kib("RssAnon")
+    anon_peak = [anon0]
+    done = threading.Event()
+
+    def sample():
+        while not done.wait(0.02):
+            anon_peak[0] = max(anon_peak[0], _status_kib("RssAnon"))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     t0 = time.perf_counter()
     out = fn()
     seconds = time.perf_counter() - t0
-    return out, seconds, (_status_kib("VmHWM") - rss0) / 1024
+    done.set()
+    sampler.join()
+    anon_peak[0] = max(anon_peak[0], _status_kib("RssAnon"))
+    return out, seconds, (_status_kib("VmHWM") - rss0) / 1024, (anon_peak[0] - anon0) / 1024
 
 
 def write_random_vae(path: Path, seed: int) -> None:
@@ -208,34 +223,51 @@ def td_run(td, vae, op: str, tile: int, fast: bool, x):
             net.forward = saved
 
 
-def make_cases(args, vae, tiled_vae, td, latent, image):
-    """(op, mode) -> a no-argument callable that returns the result on the host's output device."""
+def make_cases(args, vae, tiled_vae, td, latent, image, ways=None):
+    """(op, mode) -> a no-argument callable that returns the result on the host's output device; the ours modes
+    record the way they ran in `ways`."""
+    from comfyui_astria.nodes.comfy import host_vae
+    ways = {} if ways is None else ways
     ratio = vae.spacial_compression_decode()
     lt, lo = args.tile // ratio, args.overlap // ratio
     model = vae.first_stage_model
 
-    def ours_decode(storage=None):
+    def way(mode, shape, encode):
+        if mode == "ours-spill":
+            return "spill"
+        if mode == "ours-ram" or vae.device.type != "cpu":
+            return "ram"
+        return host_vae.plan(vae, shape, encode, args.tile).way
+
+    def store(chosen):
+        return tiled_vae.SpillStore() if chosen == "spill" else None
+
+    def ours_decode(mode):
+        chosen = ways[mode] = way(mode, tuple(latent.shape), False)
         raw = tiled_vae.tiled_decode(model, latent.to(vae.vae_dtype), tile_size=args.tile, device=vae.device,
-                                     storage_device=storage)
+                                     spill=store(chosen))
         return vae.process_output(raw).movedim(1, -1).to(vae.output_device)
 
-    def ours_encode(storage=None):
+    def ours_encode(mode):
         pixels = vae.process_input(vae.vae_encode_crop_pixels(image).movedim(-1, 1))
+        chosen = ways[mode] = way(mode, tuple(pixels.shape), True)
         out = tiled_vae.tiled_encode(model, pixels.to(vae.vae_dtype), tile_size=args.tile, device=vae.device,
-                                     storage_device=storage)
+                                     spill=store(chosen))
         return out.to(vae.output_device)
 
     fast = args.td_fast == "on"
     return {
         ("decode", "untiled"): lambda: vae.decode(latent),
         ("decode", "host"): lambda: vae.decode_tiled(latent, tile_x=lt, tile_y=lt, overlap=lo),
-        ("decode", "ours"): ours_decode,
-        ("decode", "ours-ram"): lambda: ours_decode("cpu"),
+        ("decode", "ours"): lambda: ours_decode("ours"),
+        ("decode", "ours-ram"): lambda: ours_decode("ours-ram"),
+        ("decode", "ours-spill"): lambda: ours_decode("ours-spill"),
         ("decode", "td"): lambda: td_run(td, vae, "decode", args.tile, fast, latent),
         ("encode", "untiled"): lambda: vae.encode(image),
         ("encode", "host"): lambda: vae.encode_tiled(image, tile_x=args.tile, tile_y=args.tile, overlap=args.overlap),
-        ("encode", "ours"): ours_encode,
-        ("encode", "ours-ram"): lambda: ours_encode("cpu"),
+        ("encode", "ours"): lambda: ours_encode("ours"),
+        ("encode", "ours-ram"): lambda: ours_encode("ours-ram"),
+        ("encode", "ours-spill"): lambda: ours_encode("ours-spill"),
         ("encode", "td"): lambda: td_run(td, vae, "encode", args.tile, fast, image),
     }
 
@@ -262,11 +294,13 @@ def run_case(args) -> None:
             small = make_cases(args, vae, tiled_vae, td, *inputs(min(WARMUP_SIZE, args.size), args.seed))
             small[(args.op, args.mode)]()
             del small
-        cases = make_cases(args, vae, tiled_vae, td, *inputs(args.size, args.seed))
-        out, seconds, peak = measure(cases[(args.op, args.mode)], cuda)
-    torch.save(out.float().cpu(), args.out)
-    print(json.dumps({"seconds": seconds, "peak_mib": peak, "dtype": str(vae.vae_dtype).removeprefix("torch."),
-                      "device": str(vae.device)}), flush=True)
+        ways = {}
+        cases = make_cases(args, vae, tiled_vae, td, *inputs(args.size, args.seed), ways=ways)
+        out, seconds, peak, anon = measure(cases[(args.op, args.mode)], cuda)
+    if args.size <= args.save_up_to:
+        torch.save(out.float().cpu(), args.out)
+    print(json.dumps({"seconds": seconds, "peak_mib": peak, "anon_mib": anon, "way": ways.get(args.mode, ""),
+                      "dtype": str(vae.vae_dtype).removeprefix("torch."), "device": str(vae.device)}), flush=True)
 
 
 def main() -> None:
@@ -290,6 +324,8 @@ def main() -> None:
                     help="auto: ComfyUI's choice for the device")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save-up-to", type=int, default=2048,
+                    help="outputs above this size are not saved for the diff (no untiled reference fits there)")
     ap.add_argument("--case", nargs=3, metavar=("OP", "MODE", "SIZE"), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--vae-file", help=argparse.SUPPRESS)
@@ -317,8 +353,8 @@ def main() -> None:
         print(f"{where}, torch {torch.__version__}, tile {args.tile} px, host overlap {args.overlap} px{td}, "
               f"VAE: {args.checkpoint or 'SD VAE, random weights'}", flush=True)
         peak = "peak GPU MiB" if cuda else "peak MiB"
-        print(f"{'op':7} {'size':>5} {'mode':8} {'seconds':>8} {'x untiled':>9} {peak:>12} {'x untiled':>9} "
-              f"{'max abs':>9} {'mean abs':>9}  dtype", flush=True)
+        print(f"{'op':7} {'size':>5} {'mode':10} {'seconds':>8} {'x untiled':>9} {peak:>12} {'x untiled':>9} "
+              f"{'RssAnon':>8} {'max abs':>9} {'mean abs':>9}  dtype way", flush=True)
         for size in sizes:
             for op in args.ops:
                 bench_op(args, tmp, op, size)
@@ -331,13 +367,13 @@ def bench_op(args, tmp: str, op: str, size: int) -> None:
         cmd = [sys.executable, __file__, "--case", op, mode, str(size), "--out", str(out), "--comfy", args.comfy,
                "--threads", str(args.threads), "--tile", str(args.tile), "--overlap", str(args.overlap),
                "--seed", str(args.seed), "--device", args.device, "--vae-dtype", args.vae_dtype,
-               "--td-fast", args.td_fast]
+               "--td-fast", args.td_fast, "--save-up-to", str(args.save_up_to)]
         cmd += ["--checkpoint", args.checkpoint] if args.checkpoint else ["--vae-file", args.vae_file]
         cmd += ["--td-folder", args.td_folder] if args.td_folder else []
         done = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-            print(f"{op:7} {size:5} {mode:8} failed: {last}", flush=True)
+            print(f"{op:7} {size:5} {mode:10} failed: {last}", flush=True)
             continue
         rows[mode] = json.loads(done.stdout.strip().splitlines()[-1])
         rows[mode]["out"] = out
@@ -346,13 +382,13 @@ def bench_op(args, tmp: str, op: str, size: int) -> None:
     for mode, row in rows.items():
         time_ratio = f"{row['seconds'] / base['seconds']:.2f}" if base else "-"
         mem_ratio = f"{row['peak_mib'] / max(base['peak_mib'], 1):.2f}" if base else "-"
-        if reference is not None:
+        if reference is not None and row["out"].exists():
             d = (torch.load(row["out"]) - reference).abs()
             diffs = f"{d.max().item():9.2e} {d.mean().item():9.2e}"
         else:
             diffs = f"{'-':>9} {'-':>9}"
-        print(f"{op:7} {size:5} {mode:8} {row['seconds']:8.2f} {time_ratio:>9} {row['peak_mib']:12.0f} "
-              f"{mem_ratio:>9} {diffs}  {row['dtype']}", flush=True)
+        print(f"{op:7} {size:5} {mode:10} {row['seconds']:8.2f} {time_ratio:>9} {row['peak_mib']:12.0f} "
+              f"{mem_ratio:>9} {row['anon_mib']:8.0f} {diffs}  {row['dtype']} {row['way']}", flush=True)
 
 
 def print_amplification() -> None:

@@ -8,7 +8,7 @@ import comfy.patcher_extension
 import comfy.utils
 
 from ..core import multidiffusion, tiling
-from .host_runtime import raise_if_interrupted, release_failed_try
+from .host_runtime import memory_budget, raise_if_interrupted, refuse_unless_fits, release_failed_try
 
 log = logging.getLogger("astria")
 DEFAULT_TILE_BATCH = 4
@@ -16,6 +16,9 @@ WRAPPER_KEY = "astria_tiled_diffusion"
 EASYCACHE_KEY = "easycache"  # the key (and transformer_options entry) ComfyUI's EasyCache node installs under
 CALC_COND_BATCH = comfy.patcher_extension.WrappersMP.CALC_COND_BATCH
 DIFFUSION_MODEL = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+LATENT_COPIES = 6
+"""Latent-sized float32 tensors a tiled step holds beside the UNet's tile work: the input, the blended cond and
+uncond sums, their weights, the sampler's own state."""
 
 
 def _resize_hint(hint, height, width):
@@ -72,6 +75,11 @@ def with_tiled_diffusion(model, tile_size, overlap=tiling.DEFAULT_OVERLAP, tile_
     def wrapper(executor, model, conds, x, sigma, model_options):
         if _has_easycache(model_options) and len(plan_for(*x.shape[-2:])) > 1:
             model_options = bypass_easycache(model_options)
+        if "checked" not in current:
+            refuse_unless_fits(f"tiled diffusion of a {x.shape[-1] * 8}x{x.shape[-2] * 8} px image (batch "
+                               f"{x.shape[0]})", x.numel() * 4 * LATENT_COPIES, memory_budget(),
+                               "lower the image size or the batch size (or free RAM)")
+            current["checked"] = True
         if current["retried"]:
             return tiled[0](executor, model, conds, x, sigma, model_options)
         try:

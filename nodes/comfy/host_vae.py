@@ -1,24 +1,54 @@
-"""Our exact one-pass tiled VAE on the host's VAE objects, with the host's tiled VAE as the fallback."""
+"""Our exact one-pass tiled VAE on the host's VAE objects: which way it runs (activations in RAM, spilled to a file,
+or the host's tiled VAE as the last resort) is planned from its memory model before anything is allocated."""
 import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
 
 import comfy.model_management
-import psutil
 
 from ..core import tiled_vae, tiling
-from .host_runtime import progress_bar, raise_if_interrupted, release_failed_try
+from .host_runtime import gb, memory_budget, progress_bar, raise_if_interrupted, refuse_unless_fits, release_failed_try
 
 log = logging.getLogger("astria")
-BYTES_PER_PIXEL_HELD = 3 * 4 * 4  # RGB float32: input, upscaled, decoded and colour-fixed copies live at once
+BYTES_PER_PIXEL_HELD = 4 * 3 * 4
+"""RGB float32 images an only-upscale holds at once at the output size: upscaled, decoded, colour-fixed, and one
+transient copy (a clamp, the VAE's input scaling)."""
+ACTIVATIONS_IN_RAM_BYTES = 2 * 2**30
+"""Our exact path keeps full activations in RAM while its whole working memory takes at most this (and fits the
+budget); above it they go to a spill file, so a run's RAM stays bounded by the tile at any size."""
+SPILL_DIR_ENV = "ASTRIA_SPILL_DIR"
+"""Where spilled activations go (default: the system temp folder); `off` never spills (the host's tiled VAE, inexact,
+runs instead)."""
+VRAM_SHARE_FOR_ACTIVATIONS = 0.5
+"""On a GPU our exact path keeps each layer's full activation in GPU memory; it runs there only when its working
+memory takes at most this share of the free GPU memory (tiles, other models and the host's own work need the
+rest). Otherwise the host's tiled VAE runs: it holds only tiles. (Keeping GPU activations in RAM measured 70x the
+untiled time on an H200 at 2048 px: see docs/performance.md.)"""
+HOST_TILED_RAM_PER_PIXEL = 3 * 4 * 3
+"""The host's tiled VAE beside its tiles: its float32 output and blend-weight buffers and one converted copy."""
 
 
-def check_fits_in_memory(width, height, batch, tile_size):
-    """Refuse a target whose full-size images cannot fit in RAM, saying how big it is and what to change."""
-    needed = width * height * batch * BYTES_PER_PIXEL_HELD
-    available = psutil.virtual_memory().available
-    if needed > available:
-        raise ValueError(f"a {width}x{height} px result (batch {batch}) needs about {needed / 2**30:.1f} GB of RAM "
-                         f"for its images alone, and {available / 2**30:.1f} GB are free: lower the scale or the "
-                         f"batch size (tile_size {tile_size} only bounds the model's working memory)")
+@dataclass(frozen=True)
+class VAEPlan:
+    """How one encode/decode runs, and why: `way` is "ram", "spill", "gpu" or "host" (the host's tiled VAE)."""
+    way: str
+    exact: bool
+    ram: int
+    reason: str
+
+    def describe(self, what):
+        """One line for the node summary and the log."""
+        return f"VAE {what}: {self.reason}"
+
+
+def spill_directory():
+    """The folder spilled activations go to, or None when spilling is switched off."""
+    folder = os.environ.get(SPILL_DIR_ENV, "").strip()
+    if folder.lower() == "off":
+        return None
+    return folder or tempfile.gettempdir()
 
 
 def _ours_supported(vae):
@@ -33,34 +63,71 @@ def _ours_supported(vae):
         return False
 
 
-VRAM_SHARE_FOR_ACTIVATIONS = 0.5
-"""Our exact path keeps each layer's full activation on the GPU; it runs there only when that takes at most this
-share of the free GPU memory (tiles, other models and the host's own work need the rest). Otherwise the host's
-tiled VAE runs: it holds only tiles. (Keeping the activations in RAM instead, `storage_device`, is exact but
-measured 70x the untiled time on an H200 at 2048 px: see docs/performance.md.)"""
+def _host_tiled_ram(shape, encode, tile_size, vae):
+    """RAM the host's tiled VAE takes: its output buffers beside one tile's own working memory."""
+    pixels = shape[0] * shape[2] * shape[3] * (1 if encode else 64)
+    tile = max(64, tile_size)
+    memory_used = vae.memory_used_encode if encode else vae.memory_used_decode
+    tile_shape = (1, shape[1], tile, tile) if encode else (1, shape[1], tile // 8, tile // 8)
+    return pixels * HOST_TILED_RAM_PER_PIXEL + int(memory_used(tile_shape, vae.vae_dtype))
 
 
-def _activations_fit(vae, shape, encode):
-    """Whether our exact path's stored activations fit the VAE device's free memory (always so on the CPU, where
-    `check_fits_in_memory` guards the images)."""
-    if vae.device.type == "cpu":
-        return True
-    needed = tiled_vae.stored_bytes(vae.first_stage_model, shape, encode)
-    free = comfy.model_management.get_free_memory(vae.device)
-    if needed <= free * VRAM_SHARE_FOR_ACTIVATIONS:
-        return True
-    log.info("Astria tiled VAE: the exact path would hold %.1f GB of activations with %.1f GB of GPU memory free; "
-             "using ComfyUI's tiled VAE", needed / 2**30, free / 2**30)
-    return False
+def plan(vae, shape, encode, tile_size):
+    """How our tiled VAE runs for input `shape` (B, C, H, W) with `tile_size`, from its memory model; raises our
+    sentence when no way fits."""
+    what = "encode" if encode else "decode"
+    if not _ours_supported(vae):
+        return VAEPlan("host", False, _host_tiled_ram(shape, encode, tile_size, vae),
+                       "ComfyUI's tiled VAE (inexact: this VAE's layers are not ones our exact tiling knows)")
+    needs = tiled_vae.memory_needs(vae.first_stage_model, shape, encode, tile_size, vae.vae_dtype)
+    if vae.device.type != "cpu":
+        free = comfy.model_management.get_free_memory(vae.device)
+        if needs.in_ram <= free * VRAM_SHARE_FOR_ACTIVATIONS:
+            return VAEPlan("gpu", True, 0, f"exact, on the GPU ({gb(needs.in_ram)} of {gb(free)} free)")
+        return VAEPlan("host", False, 0, f"ComfyUI's tiled VAE (inexact, up to ~0.2 off: the exact path would need "
+                                         f"{gb(needs.in_ram)} of GPU memory, {gb(free)} is free)")
+    budget = memory_budget()
+    if needs.in_ram <= min(budget, needs.result + ACTIVATIONS_IN_RAM_BYTES):
+        return VAEPlan("ram", True, needs.in_ram, f"exact, activations in RAM ({gb(needs.in_ram)})")
+    folder = spill_directory()
+    disk = shutil.disk_usage(folder).free if folder and os.path.isdir(folder) else 0
+    if folder and needs.spilled_ram <= budget and needs.spill_file <= disk:
+        return VAEPlan("spill", True, needs.spilled_ram,
+                       f"exact, activations spilled to a temporary file in {folder} (up to {gb(needs.spill_file)}; "
+                       f"in RAM they would take {gb(needs.in_ram)}, the in-RAM limit is "
+                       f"{gb(min(budget, needs.result + ACTIVATIONS_IN_RAM_BYTES))}); RAM {gb(needs.spilled_ram)}")
+    why = ("spilling is off" if not folder else f"the spill file would need {gb(needs.spill_file)} of disk and "
+           f"{gb(disk)} is free in {folder}" if needs.spill_file > disk else
+           f"even spilled it needs {gb(needs.spilled_ram)} of RAM")
+    host_ram = _host_tiled_ram(shape, encode, tile_size, vae)
+    refuse_unless_fits(f"the tiled VAE {what} of a {shape[3] * (1 if encode else 8)}x"
+                       f"{shape[2] * (1 if encode else 8)} px image (batch {shape[0]})", host_ram, budget,
+                       "lower the scale, the batch size or tile_size, or free RAM")
+    return VAEPlan("host", False, host_ram, f"ComfyUI's tiled VAE (inexact, up to ~0.2 off: {why})")
 
 
-def _with_oom_retry(run_ours, run_host, tile_size, fits, what):
-    """Our exact path with tile_size (the host's tiled VAE when the activations do not fit); on a GPU out-of-memory
-    error retry once with half the tile, and if that fails too, the host's tiled VAE at half the tile. Each step
-    is said in the log."""
+def check_fits_in_memory(width, height, batch, vae, tile_size, extra_stages=()):
+    """Refuse, before anything is allocated, an only-upscale whose images plus its largest stage's working memory
+    (the tiled VAE encode and decode as they will run, and `extra_stages`: (name, bytes)) cannot fit the RAM
+    budget, saying how much it needs and what to change. Returns the encode and decode plans."""
+    images = width * height * batch * BYTES_PER_PIXEL_HELD
+    budget = memory_budget()
+    fix = "lower the scale or the batch size (or free RAM)"
+    refuse_unless_fits(f"a {width}x{height} px result (batch {batch}) for its images alone", images, budget, fix)
+    latent_h, latent_w = -(-height // 8), -(-width // 8)
+    encode_plan = plan(vae, (batch, 3, latent_h * 8, latent_w * 8), True, tile_size)
+    decode_plan = plan(vae, (batch, 4, latent_h, latent_w), False, tile_size)
+    stages = [("the VAE encode", encode_plan.ram), ("the VAE decode", decode_plan.ram), *extra_stages]
+    name, largest = max(stages, key=lambda stage: stage[1])
+    refuse_unless_fits(f"a {width}x{height} px result (batch {batch}): {gb(images)} for its images plus "
+                       f"{gb(largest)} for {name},", images + largest, budget, fix)
+    return encode_plan, decode_plan
+
+
+def _with_oom_retry(run_ours, run_host, tile_size, what):
+    """Our exact path with tile_size; on a GPU out-of-memory error retry once with half the tile, and if that fails
+    too, the host's tiled VAE at half the tile. Each step is said in the log."""
     smaller = max(64, tile_size // 2)
-    if not fits():
-        return run_host(tile_size)
     try:
         return run_ours(tile_size)
     except comfy.model_management.OOM_EXCEPTION:
@@ -84,26 +151,41 @@ def _load(vae, shape, encode):
     comfy.model_management.load_models_gpu([vae.patcher], memory_required=min(memory, 2**30))
 
 
-def encode(vae, pixels, tile_size, overlap=tiling.DEFAULT_OVERLAP):
-    """Latent (B, C, H/8, W/8) of (B, H, W, C) pixels in 0..1: our exact one-pass tiled encode, or the host's."""
-    pixels = pixels[..., :3]
-    if not _ours_supported(vae):
-        return vae.encode_tiled(pixels, tile_x=tile_size, tile_y=tile_size, overlap=overlap)
-    vae.throw_exception_if_invalid()
-    channels_first = pixels.movedim(-1, 1)
-    _load(vae, channels_first.shape, encode=True)
-    model_input = vae.process_input(channels_first).to(vae.vae_dtype).to(vae.device)
-    progress = progress_bar()
+def _run_planned(vae_plan, what, notes, run_ours, run_host, tile_size):
+    """Run the plan's way, saying it in the log and in `notes` (the node's summary lines)."""
+    line = vae_plan.describe(what)
+    log.info("Astria %s", line)
+    if notes is not None:
+        notes.append(line)
+    if vae_plan.way == "host":
+        return run_host(tile_size)
+    spill = tiled_vae.SpillStore(spill_directory()) if vae_plan.way == "spill" else None
+    return _with_oom_retry(lambda tile: run_ours(tile, spill), run_host, tile_size, what)
 
-    def run_ours(tile):
-        return tiled_vae.tiled_encode(vae.first_stage_model, model_input, tile, device=vae.device,
-                                      dtype=vae.vae_dtype, should_cancel=raise_if_interrupted, progress=progress)
+
+def encode(vae, pixels, tile_size, overlap=tiling.DEFAULT_OVERLAP, notes=None):
+    """Latent (B, C, H/8, W/8) of (B, H, W, C) pixels in 0..1: our exact one-pass tiled encode, or the host's;
+    which way ran (and why) goes to the log and to `notes` when given."""
+    pixels = pixels[..., :3]
+    channels_first = pixels.movedim(-1, 1)
+    vae_plan = plan(vae, channels_first.shape, True, tile_size)
 
     def run_host(tile):
         return vae.encode_tiled(pixels, tile_x=tile, tile_y=tile, overlap=min(overlap, tile // 4))
 
-    latent = _with_oom_retry(run_ours, run_host, tile_size,
-                             lambda: _activations_fit(vae, model_input.shape, encode=True), "encode")
+    if vae_plan.way == "host":
+        return _run_planned(vae_plan, "encode", notes, None, run_host, tile_size)
+    vae.throw_exception_if_invalid()
+    _load(vae, channels_first.shape, encode=True)
+    model_input = vae.process_input(channels_first).to(vae.vae_dtype).to(vae.device)
+    progress = progress_bar()
+
+    def run_ours(tile, spill):
+        return tiled_vae.tiled_encode(vae.first_stage_model, model_input, tile, device=vae.device,
+                                      dtype=vae.vae_dtype, should_cancel=raise_if_interrupted, progress=progress,
+                                      spill=spill)
+
+    latent = _run_planned(vae_plan, "encode", notes, run_ours, run_host, tile_size)
     return latent.to(vae.output_device).float()
 
 
@@ -113,22 +195,25 @@ def _host_decode(vae, samples, tile_size, overlap):
     return vae.decode_tiled(samples, tile_x=tile, tile_y=tile, overlap=min(overlap // 8, tile // 4))
 
 
-def decode(vae, samples, tile_size, overlap=tiling.DEFAULT_OVERLAP):
-    """(B, H, W, C) pixels in 0..1 of a latent tensor: our exact one-pass tiled decode, or the host's."""
-    if not _ours_supported(vae):
-        return _host_decode(vae, samples, tile_size, overlap)
+def decode(vae, samples, tile_size, overlap=tiling.DEFAULT_OVERLAP, notes=None):
+    """(B, H, W, C) pixels in 0..1 of a latent tensor: our exact one-pass tiled decode, or the host's; which way
+    ran (and why) goes to the log and to `notes` when given."""
+    vae_plan = plan(vae, samples.shape, False, tile_size)
+
+    def run_host(tile):
+        return _host_decode(vae, samples, tile, overlap)
+
+    if vae_plan.way == "host":
+        return _run_planned(vae_plan, "decode", notes, None, run_host, tile_size)
     vae.throw_exception_if_invalid()
     _load(vae, samples.shape, encode=False)
     latent = samples.to(vae.vae_dtype).to(vae.device)
     progress = progress_bar()
 
-    def run_ours(tile):
+    def run_ours(tile, spill):
         decoded = tiled_vae.tiled_decode(vae.first_stage_model, latent, tile, device=vae.device,
-                                         dtype=vae.vae_dtype, should_cancel=raise_if_interrupted, progress=progress)
+                                         dtype=vae.vae_dtype, should_cancel=raise_if_interrupted, progress=progress,
+                                         spill=spill)
         return vae.process_output(decoded.to(vae.output_device).float()).movedim(1, -1)
 
-    def run_host(tile):
-        return _host_decode(vae, samples, tile, overlap)
-
-    return _with_oom_retry(run_ours, run_host, tile_size, lambda: _activations_fit(vae, latent.shape, encode=False),
-                           "decode")
+    return _run_planned(vae_plan, "decode", notes, run_ours, run_host, tile_size)

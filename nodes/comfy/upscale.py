@@ -29,15 +29,30 @@ VAE_TILE_PX = 256
 
 
 def upscale_pixels(image, width, height, upscale_model=None):
-    """The input upscaled to (width, height): through the upscale model first when one is connected, then Lanczos."""
+    """The input upscaled to (width, height): through the upscale model first when one is connected (the host's
+    tiled ImageUpscaleWithModel), then Lanczos (ComfyUI's, in bands: one float32 copy of the result)."""
     if upscale_model is not None:
         from comfy_extras.nodes_upscale_model import ImageUpscaleWithModel
 
         image = ImageUpscaleWithModel.execute(upscale_model, image)[0]
     if image.shape[2] == width and image.shape[1] == height:
         return image
-    resized = comfy.utils.common_upscale(image.movedim(-1, 1), width, height, "lanczos", "disabled")
-    return resized.movedim(1, -1).clamp(0, 1)
+    return img2img.lanczos_resize(image, width, height)
+
+
+UPSCALE_MODEL_COPIES = 3
+"""The host's tiled ImageUpscaleWithModel holds its float32 output at the model's scale three times at its peak (the
+output, its blend weights, the clamped copy)."""
+
+
+def _stage_memory(job):
+    """(stage, bytes) for the stages besides the VAE whose memory grows with the image: the upscale model's output at
+    its own scale. (Tiled diffusion's grows only with the latent, 1/48 of an image's bytes; its UNet with the tile.)"""
+    if job.upscale_model is None:
+        return []
+    scale = max(1.0, float(getattr(job.upscale_model, "scale", 4)))
+    model_px = job.image.shape[0] * job.image.shape[1] * job.image.shape[2] * scale * scale
+    return [("the upscale model's output", int(model_px * 3 * 4 * UPSCALE_MODEL_COPIES))]
 
 
 def schedule_sigmas(model, steps, denoise, sampler_name, scheduler, step_semantics):
@@ -67,14 +82,15 @@ def only_upscale(job):
     batch, in_height, in_width = job.image.shape[0], job.image.shape[1], job.image.shape[2]
     img2img.check_input_size(in_width, in_height)
     width, height = img2img.target_size(in_width, in_height, job.scale, job.width, job.height)
-    host_vae.check_fits_in_memory(width, height, batch, job.tile_size)
+    vae_tile = min(job.tile_size, VAE_TILE_PX)
+    host_vae.check_fits_in_memory(width, height, batch, job.vae, vae_tile, _stage_memory(job))
     upscaled = upscale_pixels(job.image, width, height, job.upscale_model)
     comfy.model_management.throw_exception_if_processing_interrupted()
     sigmas = schedule_sigmas(job.model, job.steps, job.denoise, job.sampler_name, job.scheduler, job.step_semantics)
     if sigmas.numel() < 2:
         return upscaled  # denoise 0: the upscaled image, no sampling
     padded, original = img2img.pad_to_multiple(upscaled, LATENT_GRID_PX)
-    latent = host_vae.encode(job.vae, padded, min(job.tile_size, VAE_TILE_PX))
+    latent = host_vae.encode(job.vae, padded, vae_tile, notes=job.notes)
     positive, negative = apply_control_net(job.positive, job.negative, job.control_net, padded,
                                            job.control_strength, job.vae)
     model = host_diffusion.with_tiled_diffusion(job.model, job.tile_size)
@@ -85,8 +101,10 @@ def only_upscale(job):
     samples = comfy.sample.sample(model, noise, steps_to_run, job.cfg, job.sampler_name, job.scheduler, positive,
                                   negative, latent, sigmas=sigmas, callback=callback, seed=job.seed,
                                   disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
-    decoded = host_vae.decode(job.vae, samples, min(job.tile_size, VAE_TILE_PX))
-    decoded = img2img.crop_to(decoded, original).clamp(0, 1)
+    del latent, noise
+    decoded = host_vae.decode(job.vae, samples, vae_tile, notes=job.notes)
+    decoded = img2img.crop_to(decoded, original).clamp_(0, 1)
+    del padded
     return img2img.color_fix(decoded, upscaled, job.color_fix)
 
 
@@ -144,6 +162,7 @@ class UpscaleJob:
         self.control_net = None
         self.control_strength = 0.65
         self.callback = None
+        self.notes = None
         self.__dict__.update(fields)
 
 
@@ -230,7 +249,7 @@ class AstriaOnlyUpscaleFromPrompt(io.ComfyNode):
         understood = settings.sampler_settings(astria_prompt, defaults)  # AstriaSettingsError as it is
         model, clip, lora_report = apply_prompt_loras(model, clip, astria_prompt)
         positive, negative, encode_notes = encode_prompt(clip, astria_prompt, understood.weighting)
-        results = []
+        results, vae_notes = [], []
         for run_seed in understood.seeds:
             job = UpscaleJob(image=image, model=model, vae=vae, positive=positive, negative=negative,
                              scale=understood.scale, width=understood.width or width,
@@ -239,10 +258,11 @@ class AstriaOnlyUpscaleFromPrompt(io.ComfyNode):
                              scheduler=understood.scheduler, seed=run_seed, tile_size=tile_size, color_fix=color_fix,
                              step_semantics=step_semantics, upscale_model=upscale_model, control_net=control_net,
                              control_strength=understood.control_strength if understood.control_strength is not None
-                             else control_strength)
+                             else control_strength, notes=vae_notes)
             results.append(only_upscale(job))
         summary = understood.summary_lines() + ["LoRAs applied:"] + [f"  {line}" for line in lora_report]
         summary += [f"Encoding: {note}" for note in encode_notes]
+        summary += list(dict.fromkeys(vae_notes))  # which way the VAE ran and why (once per distinct line)
         if step_semantics == "comfyui":
             summary.append(f"Step semantics: comfyui (all {understood.steps} steps run on a shortened schedule)")
         return io.NodeOutput(torch.cat(results, dim=0), "\n".join(summary))

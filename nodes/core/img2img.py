@@ -4,13 +4,20 @@ Pure torch, no ComfyUI: the node feeds it the host's sigmas and images and gets 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 MAX_SIDE_PX = 16384
 MIN_SIDE_PX = 64
 COLOR_FIX_MODES = ("none", "wavelet", "adain")
 WAVELET_LEVELS = 5  # the blur radii double per level: 5 levels keep detail below ~32 px, colour above it
+WAVELET_HALO = 2**WAVELET_LEVELS - 1
+"""Rows a banded wavelet split reads beyond its band: the radii summed (1 + 2 + ... + 16); past them a band's
+reflection at its cut no longer reaches, so each band equals the whole image's split there."""
+BAND_ROWS = 256
+"""Rows per band for the full-size image passes (colour fix, Lanczos conversion)."""
 
 
 def a1111_steps_to_run(steps: int, denoise: float) -> int:
@@ -74,11 +81,29 @@ def crop_to(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return image[:, : size[0], : size[1], :]
 
 
-def _blur(image: torch.Tensor, radius: int) -> torch.Tensor:
-    """A separable [1, 2, 1]-style 'a trous' blur of a (B, C, H, W) image with holes of the given radius."""
+def lanczos_resize(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """A (B, H, W, C) image in 0..1 resized to (width, height) with PIL's Lanczos (what ComfyUI's `lanczos` upscale
+    does, pixel for pixel), holding one float32 copy of the result: each resized 8-bit image is converted into the
+    output in row bands instead of through whole-image float32 temporaries."""
+    batch, channels = image.shape[0], image.shape[3]
+    out = torch.empty(batch, height, width, channels, dtype=image.dtype, device=image.device)
+    for index in range(batch):
+        as_bytes = (image[index].float().cpu().numpy() * 255.0).clip(0, 255).astype(np.uint8)
+        resized = np.asarray(Image.fromarray(as_bytes).resize((width, height), resample=Image.Resampling.LANCZOS))
+        del as_bytes
+        resized = resized.reshape(height, width, channels)
+        for start in range(0, height, BAND_ROWS):
+            band = torch.from_numpy(resized[start:start + BAND_ROWS]).to(out.device, torch.float32) / 255.0
+            out[index, start:start + BAND_ROWS] = band
+    return out
+
+
+def _blur(image: torch.Tensor, radius: int, full_size: tuple[int, int]) -> torch.Tensor:
+    """A separable [1, 2, 1]-style 'a trous' blur of a (B, C, H, W) image with holes of the given radius; the
+    reflection radius follows the whole image's `full_size` (H, W) so row bands of it blur alike."""
     kernel = torch.tensor([0.25, 0.5, 0.25], dtype=image.dtype, device=image.device)
     channels = image.shape[1]
-    pad = min(radius, image.shape[2] - 1, image.shape[3] - 1)
+    pad = min(radius, full_size[0] - 1, full_size[1] - 1)
     if pad < 1:
         return image
     horizontal = kernel.view(1, 1, 1, 3).repeat(channels, 1, 1, 1)
@@ -89,29 +114,57 @@ def _blur(image: torch.Tensor, radius: int) -> torch.Tensor:
     return F.conv2d(out, vertical, groups=channels, dilation=(pad, 1))
 
 
-def _wavelet_split(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(high-frequency detail, low-frequency colour) of a (B, C, H, W) image."""
+def _wavelet_split(image: torch.Tensor, full_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high-frequency detail, low-frequency colour) of a (B, C, H, W) image (or a row band of one `full_size`)."""
     low = image
     for level in range(WAVELET_LEVELS):
-        low = _blur(low, 2**level)
+        low = _blur(low, 2**level, full_size)
     return image - low, low
+
+
+def _bands(height: int, halo: int):
+    """(rows to write, rows to read) of row bands covering `height`, each read with `halo` rows either side."""
+    for start in range(0, height, BAND_ROWS):
+        stop = min(height, start + BAND_ROWS)
+        yield slice(start, stop), slice(max(0, start - halo), min(height, stop + halo))
+
+
+def _channel_mean_std(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (batch, channel) mean and unbiased standard deviation of a (B, H, W, C) image, summed band by band."""
+    sums = torch.zeros(image.shape[0], image.shape[3], dtype=torch.float64, device=image.device)
+    squares = torch.zeros_like(sums)
+    for rows, _ in _bands(image.shape[1], 0):
+        band = image[:, rows].to(torch.float64)
+        sums += band.sum(dim=(1, 2))
+        squares += band.square().sum(dim=(1, 2))
+    count = image.shape[1] * image.shape[2]
+    mean = sums / count
+    var = ((squares - count * mean.square()) / max(1, count - 1)).clamp_min(0)
+    return mean[:, None, None, :].float(), var.sqrt()[:, None, None, :].float()
 
 
 def color_fix(result: torch.Tensor, reference: torch.Tensor, mode: str) -> torch.Tensor:
     """Give result (B, H, W, C) the colours of reference (same size): `wavelet` swaps the low frequencies,
-    `adain` matches per-channel mean and standard deviation, `none` returns result."""
+    `adain` matches per-channel mean and standard deviation, `none` returns result.
+
+    Runs in row bands (the wavelet's with a halo of `WAVELET_HALO` rows, which makes each band exact): besides the
+    two inputs it holds the output and one band's temporaries, never a whole-image float32 temporary."""
     if mode == "none":
         return result
     if mode not in COLOR_FIX_MODES:
         raise ValueError(f"unknown color_fix {mode!r}: choose one of {', '.join(COLOR_FIX_MODES)}")
-    res = result.movedim(-1, 1).float()
-    ref = reference.movedim(-1, 1).float()
+    out = torch.empty_like(result)
+    full_size = (result.shape[1], result.shape[2])
     if mode == "wavelet":
-        detail, _ = _wavelet_split(res)
-        _, colour = _wavelet_split(ref)
-        fixed = detail + colour
-    else:
-        res_mean, res_std = res.mean(dim=(2, 3), keepdim=True), res.std(dim=(2, 3), keepdim=True)
-        ref_mean, ref_std = ref.mean(dim=(2, 3), keepdim=True), ref.std(dim=(2, 3), keepdim=True)
-        fixed = (res - res_mean) / res_std.clamp_min(1e-6) * ref_std + ref_mean
-    return fixed.clamp(0, 1).movedim(1, -1).to(result.dtype)
+        for rows, read in _bands(result.shape[1], WAVELET_HALO):
+            detail, _ = _wavelet_split(result[:, read].movedim(-1, 1).float(), full_size)
+            _, colour = _wavelet_split(reference[:, read].movedim(-1, 1).float(), full_size)
+            fixed = (detail + colour)[:, :, rows.start - read.start:rows.stop - read.start]
+            out[:, rows] = fixed.clamp(0, 1).movedim(1, -1).to(result.dtype)
+        return out
+    res_mean, res_std = _channel_mean_std(result)
+    ref_mean, ref_std = _channel_mean_std(reference)
+    for rows, _ in _bands(result.shape[1], 0):
+        band = result[:, rows].float()
+        out[:, rows] = ((band - res_mean) / res_std.clamp_min(1e-6) * ref_std + ref_mean).clamp(0, 1)
+    return out

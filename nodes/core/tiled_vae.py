@@ -6,6 +6,12 @@ are written), and the mid-block self-attention runs over the whole image in quer
 the untiled one up to float rounding, with almost no extra compute; memory is the full activation between two
 layers (a half compute dtype's tiles as computed; float32 ones in float16 when large and finite) instead of every
 intermediate of the untiled graph.
+
+Where those full activations do not fit the memory budget, a `SpillStore` keeps them in a temporary file mapped into
+memory instead: the same arithmetic (so the same result), and the pages each tile touched are handed back to the
+kernel every `SPILL_RESIDENT_BYTES`, so the process holds only tiles, the mid-block attention's keys and values,
+and the output; the kernel caches the file in free RAM and writes it to disk when RAM is short (`memory_needs` says
+how much of each a run takes).
 Tile inputs are copied into scratch buffers reused from tile to tile (a fresh large tensor per tile costs a page
 fault per 4 KiB), and the run uses channels_last on CPU, where oneDNN's convs are fastest.
 
@@ -16,6 +22,9 @@ raises `UnsupportedVAE` so the caller can fall back to the host's tiled path. Im
 from __future__ import annotations
 
 import math
+import mmap
+import tempfile
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +38,11 @@ SMALL_ACTIVATION_BYTES = 256 * 2**20
 """Activations below this stay float32; larger ones are stored as float16 when every value fits."""
 ATTENTION_SCORE_ELEMENTS = 2**24
 """Attention scores held at once (queries x keys): 64 MiB in float32."""
+SPILL_RESIDENT_BYTES = 256 * 2**20
+"""A spilled run hands the file pages it touched back to the kernel after about this many bytes of tiles."""
+TILE_COPIES = 8
+"""Tile-sized float buffers alive at once in the worst layer (input and region scratch, conv output and the
+library's own reorders, the shortcut): the tiles' share of `memory_needs`."""
 _FP16_SAFE = 60000.0  # float16 tops out at 65504; keep margin so later sums in the tile stay finite
 
 
@@ -40,6 +54,40 @@ class TiledVAECancelled(Exception):
     """Raised when `should_cancel()` answers True between tiles."""
 
 
+class SpillStore:
+    """Full activations in unlinked temporary files under `directory`, mapped into memory (MAP_SHARED).
+
+    Pages a tile touched go back to the kernel (`release`, MADV_DONTNEED: for a shared file mapping the data stays
+    in the page cache or on disk, the process stops holding it). A file is freed when its last tensor is."""
+
+    def __init__(self, directory: str | None = None):
+        self.directory = directory
+        self.bytes_now = 0
+        self.peak_bytes = 0
+        self._maps: weakref.WeakSet = weakref.WeakSet()
+
+    def empty(self, shape, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+        """An uninitialised (B, C, H, W) tensor backed by a new file."""
+        count = math.prod(shape)
+        nbytes = max(1, count * torch.empty(0, dtype=dtype).element_size())
+        with tempfile.TemporaryFile(dir=self.directory, prefix="astria-vae-") as handle:
+            handle.truncate(nbytes)
+            mapping = mmap.mmap(handle.fileno(), nbytes)
+        self._maps.add(mapping)
+        self.bytes_now = sum(len(m) for m in self._maps)
+        self.peak_bytes = max(self.peak_bytes, self.bytes_now)
+        flat = torch.frombuffer(mapping, dtype=dtype, count=count)
+        if channels_last:
+            b, c, h, w = shape
+            return flat.view(b, h, w, c).permute(0, 3, 1, 2)
+        return flat.view(shape)
+
+    def release(self) -> None:
+        """Hand every live file's resident pages back to the kernel (the data stays in the file)."""
+        for mapping in list(self._maps):
+            mapping.madvise(mmap.MADV_DONTNEED)
+
+
 @dataclass
 class _Settings:
     device: torch.device
@@ -49,20 +97,35 @@ class _Settings:
     should_cancel: Callable[[], bool] | None
     progress: Callable[[int, int], None] | None
     channels_last: bool = False
-    storage_device: torch.device | None = None
+    spill: SpillStore | None = None
     done: int = 0
     total: int = 0
     buffers: dict = field(default_factory=dict)
-
-    @property
-    def store(self) -> torch.device:
-        """Where full activations live between layers: the compute device, or e.g. the CPU when VRAM is short."""
-        return self.storage_device or self.device
+    _since_release: int = 0
 
     @property
     def memory_format(self) -> torch.memory_format:
         """The layout of stored activations and scratch tiles."""
         return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """Storage for a full activation: in the spill file when the run spills, else on the compute device."""
+        if self.spill is not None:
+            return self.spill.empty(shape, dtype, self.channels_last)
+        return torch.empty(shape, dtype=dtype, device=self.device, memory_format=self.memory_format)
+
+    def stored_copy(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`tensor` converted to `dtype` in full-activation storage, copied in row bands (a spilled copy hands
+        each band's pages back, so converting never holds two whole activations in RAM)."""
+        if self.spill is None:
+            return tensor.to(self.device, dtype, memory_format=self.memory_format, copy=True)
+        out = self.empty(tensor.shape, dtype)
+        b, c, h, w = tensor.shape
+        band = max(1, self.tile_elements // max(1, b * c * w))
+        for start in range(0, h, band):
+            out[:, :, start:start + band].copy_(tensor[:, :, start:start + band])
+            self.spill.release()
+        return out
 
     def scratch(self, slot: int, shape) -> torch.Tensor:
         """A dense compute-dtype tensor of `shape` (B, C, H, W) in the run's memory format, backed by a buffer
@@ -81,13 +144,20 @@ class _Settings:
         return buffer[:size].view(shape)
 
     def tick(self) -> None:
+        """Before a tile: stop here if the caller cancelled."""
         if self.should_cancel is not None and self.should_cancel():
             raise TiledVAECancelled("Tiled VAE was cancelled.")
 
     def advance(self) -> None:
+        """After a tile: progress, and a spilled run's touched pages back to the kernel now and then."""
         self.done += 1
         if self.progress is not None:
             self.progress(self.done, self.total)
+        if self.spill is not None:
+            self._since_release += 1
+            if self._since_release * self.tile_elements * 4 >= SPILL_RESIDENT_BYTES:
+                self.spill.release()
+                self._since_release = 0
 
 
 def _default_storage_dtype(elements: int, settings: _Settings) -> torch.dtype:
@@ -108,21 +178,20 @@ class _Activation:
                  storage: torch.Tensor | None = None):
         self.shape = (batch, channels, height, width)
         self.device = settings.device
+        self.settings = settings
         if storage is not None:
             self.data = storage
         else:
             dtype = settings.storage_dtype or _default_storage_dtype(batch * channels * height * width, settings)
-            self.data = torch.empty(self.shape, dtype=dtype, device=settings.store,
-                                    memory_format=settings.memory_format)
+            self.data = settings.empty(self.shape, dtype)
         self.sums = torch.zeros(batch, channels, dtype=torch.float64, device=settings.device)
         self.squares = torch.zeros(batch, channels, dtype=torch.float64, device=settings.device)
 
     @classmethod
     def of(cls, tensor: torch.Tensor, settings: _Settings) -> _Activation:
         """Wrap an input tensor (kept float32) and gather its sums."""
-        storage = tensor.to(settings.store, torch.float32, memory_format=settings.memory_format, copy=True)
-        act = cls(*tensor.shape, settings, storage=storage)
-        act._add_stats(storage if settings.store == settings.device else tensor.to(settings.device, torch.float32))
+        act = cls(*tensor.shape, settings, storage=settings.stored_copy(tensor, torch.float32))
+        act._add_stats(tensor.to(settings.device, torch.float32))
         return act
 
     def _add_stats(self, tile: torch.Tensor) -> torch.Tensor:
@@ -152,7 +221,7 @@ class _Activation:
         # otherwise (or for inf/nan) look at the values themselves
         if (self.data.dtype == torch.float16 and tile.dtype != torch.float16
                 and not bool(row_norms.amax() < _FP16_SAFE) and not bool(tile.abs().max() < _FP16_SAFE)):
-            self.data = self.data.to(torch.float32)  # e.g. SDXL's VAE: values beyond float16, keep exact
+            self.data = self.settings.stored_copy(self.data, torch.float32)  # e.g. SDXL's VAE: beyond float16
         self.data[:, :, rows, cols].copy_(tile)  # also across devices when activations are kept in RAM
 
     def read(self, rows: slice, cols: slice, settings: _Settings, slot: int = 0) -> torch.Tensor:
@@ -383,8 +452,10 @@ def _attention(source: _Activation, block, settings: _Settings) -> _Activation:
     def compute(tile):
         normed = _norm(tile, block.norm, stats)
         queries = _positions(block.q(normed))[:, None]
-        parts = [F.scaled_dot_product_attention(queries[:, :, i:i + chunk], keys, values)
-                 for i in range(0, queries.shape[2], chunk)]
+        parts = []
+        for i in range(0, queries.shape[2], chunk):
+            settings.tick()  # one tile's queries against a large image's keys take minutes: Cancel between chunks
+            parts.append(F.scaled_dot_product_attention(queries[:, :, i:i + chunk], keys, values))
         b, c, h, w = tile.shape
         attended = torch.cat(parts, dim=2)[:, 0].view(b, h, w, c).permute(0, 3, 1, 2)  # channels_last, no copy
         return tile + block.proj_out(attended)
@@ -424,7 +495,7 @@ def _upsample(source: _Activation, module, settings: _Settings) -> _Activation:
 def _downsample(source: _Activation, module, settings: _Settings) -> _Activation:
     """Pad right/bottom by one, 3x3 stride-2 conv: output rows [o0, o1) read input rows [2*o0, 2*o1 + 1)."""
     b, c, h, w = source.shape
-    out_h, out_w = (h - 2) // 2 + 1, (w - 2) // 2 + 1  # the module's (0, 1, 0, 1) pad, then k3 s2
+    out_h, out_w = _downsampled(h, w)
     out = _Activation(b, module.conv.out_channels, out_h, out_w, settings)
     for rows, cols in _tiles(out_h, out_w, _side(settings, 4 * c)):
         settings.tick()
@@ -520,81 +591,152 @@ def _mid_steps(mid, name: str) -> list[tuple[str, object]]:
     return [("resnet", mid.block_1), ("attention", mid.attn_1), ("resnet", mid.block_2)]
 
 
+@dataclass(frozen=True)
+class _Step:
+    """How one kind of step runs, how many tiles it takes, and the (height, width, channels) it outputs."""
+    run: Callable
+    tiles: Callable
+    output: Callable
+
+
+def _resnet_tiles(h, w, c, block, settings):
+    first = _count(h, w, _side(settings, max(block.in_channels, block.out_channels)))
+    shortcut = _shortcut(block)
+    return (first * (2 if shortcut is not None and _halo(shortcut) > 0 else 1)
+            + _count(h, w, _side(settings, block.out_channels)))
+
+
+def _downsampled(h: int, w: int) -> tuple[int, int]:
+    return (h - 2) // 2 + 1, (w - 2) // 2 + 1  # the module's (0, 1, 0, 1) pad, then k3 s2
+
+
+_STEPS = {
+    "conv": _Step(run=lambda act, m, s: _conv(act, m, s),
+                  tiles=lambda h, w, c, m, s: _count(h, w, _side(s, max(m.out_channels, m.in_channels))),
+                  output=lambda h, w, c, m: (h, w, m.out_channels)),
+    "resnet": _Step(run=lambda act, m, s: _resnet(act, m, s), tiles=_resnet_tiles,
+                    output=lambda h, w, c, m: (h, w, m.out_channels)),
+    "attention": _Step(run=lambda act, m, s: _attention(act, m, s),
+                       tiles=lambda h, w, c, m, s: 2 * _count(h, w, _side(s, c)),
+                       output=lambda h, w, c, m: (h, w, c)),
+    "upsample": _Step(run=lambda act, m, s: _upsample(act, m, s),
+                      tiles=lambda h, w, c, m, s: _count(h, w, _side(s, 4 * c)),
+                      output=lambda h, w, c, m: (2 * h, 2 * w, m.conv.out_channels)),
+    "downsample": _Step(run=lambda act, m, s: _downsample(act, m, s),
+                        tiles=lambda h, w, c, m, s: _count(*_downsampled(h, w), _side(s, 4 * c)),
+                        output=lambda h, w, c, m: (*_downsampled(h, w), m.conv.out_channels)),
+    "norm_conv": _Step(run=lambda act, m, s: _norm_conv(act, m[0], m[1], s),
+                       tiles=lambda h, w, c, m, s: _count(h, w, _side(s, max(m[1].out_channels, m[1].in_channels))),
+                       output=lambda h, w, c, m: (h, w, m[1].out_channels)),
+}
+"""Every kind of step `_decoder_steps`/`_encoder_steps` list, in one table: running, counting and sizing a network
+all walk it."""
+
+
+def _shapes(steps, height: int, width: int, channels: int):
+    """(kind, module, input (h, w, c), output (h, w, c)) for every step, following the resolution through."""
+    for kind, module in steps:
+        out = _STEPS[kind].output(height, width, channels, module)
+        yield kind, module, (height, width, channels), out
+        height, width, channels = out
+
+
 def _count_tiles(steps, height: int, width: int, channels: int, settings: _Settings) -> int:
     """Progress total: tiles of every layer, following the resolution through the network."""
-    total = 0
-    for kind, module in steps:
-        if kind == "conv":
-            channels = module.out_channels
-            total += _count(height, width, _side(settings, max(channels, module.in_channels)))
-        elif kind == "resnet":
-            first = _count(height, width, _side(settings, max(module.in_channels, module.out_channels)))
-            shortcut = _shortcut(module)
-            total += first * (2 if shortcut is not None and _halo(shortcut) > 0 else 1)
-            total += _count(height, width, _side(settings, module.out_channels))
-            channels = module.out_channels
-        elif kind == "attention":
-            total += 2 * _count(height, width, _side(settings, channels))
-        elif kind == "upsample":
-            total += _count(height, width, _side(settings, 4 * channels))
-            height, width = height * 2, width * 2
-        elif kind == "downsample":
-            height, width = (height - 2) // 2 + 1, (width - 2) // 2 + 1
-            total += _count(height, width, _side(settings, 4 * channels))
-        elif kind == "norm_conv":
-            channels = module[1].out_channels
-            total += _count(height, width, _side(settings, max(channels, module[1].in_channels)))
-    return total
+    return sum(_STEPS[kind].tiles(*shape_in, module, settings)
+               for kind, module, shape_in, _ in _shapes(steps, height, width, channels))
 
 
 def _run(steps, tensor: torch.Tensor, settings: _Settings) -> torch.Tensor:
     settings.total = _count_tiles(steps, tensor.shape[2], tensor.shape[3], tensor.shape[1], settings)
     act = _Activation.of(tensor, settings)
     for kind, module in steps:
-        if kind == "conv":
-            act = _conv(act, module, settings)
-        elif kind == "resnet":
-            act = _resnet(act, module, settings)
-        elif kind == "attention":
-            act = _attention(act, module, settings)
-        elif kind == "upsample":
-            act = _upsample(act, module, settings)
-        elif kind == "downsample":
-            act = _downsample(act, module, settings)
-        elif kind == "norm_conv":
-            act = _norm_conv(act, module[0], module[1], settings)
-    return act.data.to(torch.float32)
+        act = _STEPS[kind].run(act, module, settings)
+    if settings.spill is None:
+        return act.data.to(torch.float32)
+    result = torch.empty(act.shape, dtype=torch.float32, device=settings.device, memory_format=settings.memory_format)
+    result.copy_(act.data)  # out of the spill file: the caller gets an ordinary tensor
+    settings.spill.release()
+    return result
 
 
-def _settings(model, device, dtype, tile_size, storage_dtype, should_cancel, progress,
-              storage_device=None) -> _Settings:
+def _tile_elements(tile_size: int | None) -> int:
+    return DEFAULT_TILE_ELEMENTS if tile_size is None else 128 * tile_size * tile_size
+
+
+def _settings(model, device, dtype, tile_size, storage_dtype, should_cancel, progress, spill=None) -> _Settings:
     weight = next(model.parameters())
     device = torch.device(device) if device is not None else weight.device
     dtype = dtype or weight.dtype
-    tile_elements = DEFAULT_TILE_ELEMENTS if tile_size is None else 128 * tile_size * tile_size
     # channels_last on CPU: oneDNN's convs run 10-20% faster on it (whole decode ~10%), and ComfyUI's images are
     # (B, H, W, C), so the untiled encoder already runs channels_last. On CUDA (H200, bf16) the channels_last encode
     # measured 5.8x the untiled time at 2048 px where the channels-first decode ran 1.15x: channels-first there.
     channels_last = device.type == "cpu"
-    storage_device = torch.device(storage_device) if storage_device is not None else None
-    return _Settings(device, dtype, tile_elements, storage_dtype, should_cancel, progress, channels_last,
-                     storage_device)
+    if spill is not None and device.type != "cpu":
+        raise ValueError("a SpillStore keeps activations in RAM-mapped files: use it with the CPU as the device")
+    return _Settings(device, dtype, _tile_elements(tile_size), storage_dtype, should_cancel, progress,
+                     channels_last, spill)
+
+
+def _steps(first_stage_model, encode: bool):
+    return _encoder_steps(first_stage_model) if encode else _decoder_steps(first_stage_model)
 
 
 def stored_bytes(first_stage_model, shape, encode: bool) -> int:
     """About the most memory the stored activations take at once for input `shape` (B, C, H, W): the largest layer
     held twice (its input and output), in float16, plus the input; the tiles' own memory comes on top."""
-    steps = _encoder_steps(first_stage_model) if encode else _decoder_steps(first_stage_model)
     batch, channels, height, width = shape
     largest = channels * height * width
-    for kind, module in steps:
-        if kind == "upsample":
-            height, width = height * 2, width * 2
-        elif kind == "downsample":
-            height, width = (height - 2) // 2 + 1, (width - 2) // 2 + 1
-        channels = module[1].out_channels if kind == "norm_conv" else getattr(module, "out_channels", channels)
-        largest = max(largest, channels * height * width)
-    return batch * (2 * largest * 2 + shape[1] * shape[2] * shape[3] * 4)
+    for _, _, _, (h, w, c) in _shapes(_steps(first_stage_model, encode), height, width, channels):
+        largest = max(largest, c * h * w)
+    return batch * (2 * largest * 2 + channels * height * width * 4)
+
+
+@dataclass(frozen=True)
+class VAEMemory:
+    """What one tiled encode/decode holds at its peak, in bytes, by kind (see `memory_needs`)."""
+    activations: int
+    """The full activations kept between layers (in RAM, or in the spill file when spilling)."""
+    tiles: int
+    """Tile buffers: the input and region scratch, conv outputs, the library's reorders."""
+    attention: int
+    """The mid-block self-attention's whole keys and values plus one chunk of scores."""
+    result: int
+    """The float32 result, and the float32 copy of the input the first layer reads."""
+
+    @property
+    def in_ram(self) -> int:
+        """RAM (or device memory) the run takes with its activations kept there."""
+        return self.activations + self.tiles + self.attention + self.result
+
+    @property
+    def spilled_ram(self) -> int:
+        """RAM the run takes with its activations in a `SpillStore`."""
+        return self.tiles + self.attention + self.result + SPILL_RESIDENT_BYTES
+
+    @property
+    def spill_file(self) -> int:
+        """The most file space a spilled run may take: its activations in float32 (a float32 run keeps large ones
+        in float16 while they fit it, so this is the worst case)."""
+        return 2 * self.activations
+
+
+def memory_needs(first_stage_model, shape, encode: bool, tile_size: int | None = None,
+                 dtype: torch.dtype = torch.float32) -> VAEMemory:
+    """The memory a `tiled_encode`/`tiled_decode` of input `shape` (B, C, H, W) takes, by kind: the model of it the
+    callers plan with (the nodes refuse or pick the spill path from it)."""
+    steps = _steps(first_stage_model, encode)
+    batch, channels, height, width = shape
+    size = torch.empty(0, dtype=dtype).element_size()
+    attention = 0
+    for kind, _, (h, w, c), (out_h, out_w, out_c) in _shapes(steps, height, width, channels):
+        if kind == "attention":
+            attention = max(attention, 2 * batch * h * w * c * size + ATTENTION_SCORE_ELEMENTS * 4)
+        last = out_h, out_w, out_c
+    result = batch * (last[0] * last[1] * last[2] + channels * height * width) * 4
+    return VAEMemory(activations=stored_bytes(first_stage_model, shape, encode),
+                     tiles=TILE_COPIES * _tile_elements(tile_size) * max(4, size),
+                     attention=attention, result=result)
 
 
 def check_vae(first_stage_model) -> None:
@@ -608,20 +750,18 @@ def tiled_decode(first_stage_model, latent: torch.Tensor, tile_size: int | None 
                  device=None, dtype: torch.dtype | None = None, storage_dtype: torch.dtype | None = None,
                  should_cancel: Callable[[], bool] | None = None,
                  progress: Callable[[int, int], None] | None = None,
-                 storage_device=None) -> torch.Tensor:
+                 spill: SpillStore | None = None) -> torch.Tensor:
     """Decode latent (B, C, h, w) like `first_stage_model.decode`, exactly, in tiles; returns float32 (B, 3, H, W)
     in the model's output range (-1..1 for SD; apply the host VAE's `process_output`).
 
     `tile_size` (pixels at the full-resolution layers; deeper layers use the same element budget) bounds the
     per-tile memory; `storage_dtype` forces the between-layer storage (default: the compute dtype when that is
-    bfloat16/float16; for float32, float32 when small, float16 when finite, float32 otherwise). `should_cancel()` is asked before every tile of every layer.
-    `storage_device` keeps the full activations between layers elsewhere than `device` (e.g. the CPU when the
-    GPU's memory is short: tiles then travel to the GPU and back; see `stored_bytes`).
+    bfloat16/float16; for float32, float32 when small, float16 when finite, float32 otherwise). `should_cancel()`
+    is asked before every tile of every layer. `spill` keeps the full activations between layers in its files
+    instead of RAM (CPU runs; same result; see `memory_needs` for what each way holds).
     """
-    steps = _decoder_steps(first_stage_model)
-    settings = _settings(first_stage_model, device, dtype, tile_size, storage_dtype, should_cancel, progress,
-                         storage_device)
-    return _run(steps, latent, settings)
+    settings = _settings(first_stage_model, device, dtype, tile_size, storage_dtype, should_cancel, progress, spill)
+    return _run(_decoder_steps(first_stage_model), latent, settings)
 
 
 @torch.no_grad()
@@ -629,12 +769,10 @@ def tiled_encode(first_stage_model, pixels: torch.Tensor, tile_size: int | None 
                  device=None, dtype: torch.dtype | None = None, storage_dtype: torch.dtype | None = None,
                  should_cancel: Callable[[], bool] | None = None,
                  progress: Callable[[int, int], None] | None = None,
-                 storage_device=None) -> torch.Tensor:
+                 spill: SpillStore | None = None) -> torch.Tensor:
     """Encode pixels (B, 3, H, W), already in the model's input range (the host VAE's `process_input`), like
     `first_stage_model.encode` (the Gaussian's mode), exactly, in tiles; returns float32 (B, C, H/8, W/8).
     The keyword arguments are those of `tiled_decode`."""
-    steps = _encoder_steps(first_stage_model)
-    settings = _settings(first_stage_model, device, dtype, tile_size, storage_dtype, should_cancel, progress,
-                         storage_device)
-    moments = _run(steps, pixels, settings)
+    settings = _settings(first_stage_model, device, dtype, tile_size, storage_dtype, should_cancel, progress, spill)
+    moments = _run(_encoder_steps(first_stage_model), pixels, settings)
     return moments[:, :moments.shape[1] // 2]

@@ -195,3 +195,43 @@ def test_half_compute_keeps_activations_in_its_own_dtype_losslessly(monkeypatch,
     monkeypatch.setattr(tiled_vae._Activation, "write", write)
     exact = tiled_vae.tiled_decode(vae, latent, tile_size=48, storage_dtype=torch.float32)
     assert torch.equal(got, exact)
+
+
+def test_spilled_activations_give_the_untiled_result_and_live_in_files(tmp_path):
+    """The spill path (activations in mapped temporary files) is the same arithmetic: encode and decode match
+    untiled, and every full activation went through the store's files (freed when the run ends)."""
+    vae = random_vae(0, **SMALL)
+    latent = torch.randn(1, 4, 30, 22, generator=torch.Generator().manual_seed(10))
+    pixels = torch.rand(1, 3, 72, 56, generator=torch.Generator().manual_seed(11)) * 2 - 1
+    with torch.no_grad():
+        expected, expected_latent = vae.decode(latent), vae.encode(pixels)
+    store = tiled_vae.SpillStore(str(tmp_path))
+    got = tiled_vae.tiled_decode(vae, latent, tile_size=24, storage_dtype=torch.float32, spill=store)
+    full_resolution = 32 * got.shape[2] * got.shape[3] * 4  # one 32-channel float32 activation at the output size
+    assert store.peak_bytes >= 2 * full_resolution  # a layer's input and output were both in files
+    got_latent = tiled_vae.tiled_encode(vae, pixels, tile_size=24, spill=store)  # float16 storage where it fits
+    assert (got - expected).abs().max().item() < 1e-4
+    assert (got_latent - expected_latent).abs().max().item() < 1e-2
+    assert list(tmp_path.iterdir()) == []  # unlinked files: nothing left behind
+
+
+def test_spilled_values_beyond_float16_switch_to_float32_files(tmp_path):
+    vae = random_vae(0, **SMALL)
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(1e5)
+        vae.encoder.conv_in.bias.mul_(1e5)
+        pixels = torch.rand(1, 3, 48, 40, generator=torch.Generator().manual_seed(9)) * 2 - 1
+        expected = vae.encode(pixels)
+    got = tiled_vae.tiled_encode(vae, pixels, tile_size=24, storage_dtype=torch.float16,
+                                 spill=tiled_vae.SpillStore(str(tmp_path)))
+    assert (got - expected).abs().max().item() < 1e-3 * max(1.0, expected.abs().max().item())
+
+
+def test_memory_needs_names_each_part():
+    vae = random_vae(0)
+    needs = tiled_vae.memory_needs(vae, (1, 4, 64, 64), encode=False, tile_size=256)
+    assert needs.activations == tiled_vae.stored_bytes(vae, (1, 4, 64, 64), encode=False)
+    assert needs.attention == 2 * 64 * 64 * 512 * 4 + tiled_vae.ATTENTION_SCORE_ELEMENTS * 4  # mid-block keys/values
+    assert needs.result == (3 * 512 * 512 + 4 * 64 * 64) * 4
+    assert needs.tiles == tiled_vae.TILE_COPIES * 128 * 256 * 256 * 4
+    assert needs.spilled_ram < needs.in_ram

@@ -100,3 +100,69 @@ def test_vae_out_of_memory_retries_with_half_tiles_then_uses_the_hosts_tiled_vae
     assert "ran out of GPU memory with 256 px tiles; retrying with 128 px tiles" in caplog.text
     assert ("using ComfyUI's tiled VAE with 128 px tiles" in caplog.text) == (failures == 2)
     assert (decoded - expected).abs().max().item() < 1e-4
+
+
+def _vae_needs(comfy_host, vae, shape, encode, tile):
+    tiled_vae = comfy_host.pack_module.nodes.core.tiled_vae
+    return tiled_vae.memory_needs(vae.first_stage_model, shape, encode, tile, vae.vae_dtype)
+
+
+def _budget_mb(nbytes):
+    return str(nbytes / 2**20)
+
+
+def test_a_budget_too_small_for_activations_in_ram_spills_them_and_stays_exact(comfy_host, sd15_pixel, monkeypatch,
+                                                                              caplog, tmp_path):
+    """The real memory model picks the path: a RAM budget between the spilled and the in-RAM working memory runs
+    the spill path (files in ASTRIA_SPILL_DIR), and the result is still the untiled one; the log says so."""
+    import logging
+
+    tiled_vae = comfy_host.pack_module.nodes.core.tiled_vae
+    monkeypatch.setattr(tiled_vae, "SPILL_RESIDENT_BYTES", 2**20)  # hand pages back every MiB at this small size
+    _, _, vae = sd15_pixel
+    image = picture(200, 136, seed=7)
+    samples = vae.encode(image)
+    needs = _vae_needs(comfy_host, vae, tuple(samples.shape), False, 64)
+    assert needs.spilled_ram < needs.in_ram
+    monkeypatch.setenv("ASTRIA_MEMORY_BUDGET_MB", _budget_mb((needs.spilled_ram + needs.in_ram) // 2))
+    monkeypatch.setenv("ASTRIA_SPILL_DIR", str(tmp_path))
+    made = []
+    real_empty = tiled_vae.SpillStore.empty
+    monkeypatch.setattr(tiled_vae.SpillStore, "empty", lambda self, *a: made.append(a[0]) or real_empty(self, *a))
+    with caplog.at_level(logging.INFO, logger="astria"), torch.inference_mode():
+        decoded = run_node(comfy_host, "AstriaVAEDecodeTiled", samples={"samples": samples}, vae=vae, tile_size=64,
+                           overlap=0)[0]
+        untiled = vae.decode(samples)
+    assert made, "no activation went to the spill file"
+    assert "VAE decode: exact, activations spilled to a temporary file" in caplog.text
+    tolerance = 1e-4 if vae.vae_dtype == torch.float32 else 2e-2
+    assert (decoded - untiled).abs().max().item() < tolerance
+
+
+def test_without_spilling_a_small_budget_runs_the_hosts_tiled_vae_and_says_it_is_inexact(comfy_host, sd15_pixel,
+                                                                                          monkeypatch, caplog):
+    import logging
+
+    _, _, vae = sd15_pixel
+    samples = vae.encode(picture(200, 136, seed=7))
+    needs = _vae_needs(comfy_host, vae, tuple(samples.shape), False, 64)
+    monkeypatch.setenv("ASTRIA_MEMORY_BUDGET_MB", _budget_mb(needs.in_ram - 1))
+    monkeypatch.setenv("ASTRIA_SPILL_DIR", "off")
+    with caplog.at_level(logging.INFO, logger="astria"), torch.inference_mode():
+        decoded = run_node(comfy_host, "AstriaVAEDecodeTiled", samples={"samples": samples}, vae=vae, tile_size=64,
+                           overlap=0)[0]
+        host = vae.decode_tiled(samples, tile_x=8, tile_y=8, overlap=0)
+    assert "VAE decode: ComfyUI's tiled VAE (inexact" in caplog.text and "spilling is off" in caplog.text
+    assert torch.equal(decoded, host)
+
+
+def test_a_size_that_cannot_fit_is_refused_before_the_vae_runs(comfy_host, sd15_pixel, monkeypatch):
+    tiled_vae = comfy_host.pack_module.nodes.core.tiled_vae
+    calls = []
+    monkeypatch.setattr(tiled_vae, "tiled_decode", lambda *a, **k: calls.append(1))
+    _, _, vae = sd15_pixel
+    monkeypatch.setenv("ASTRIA_MEMORY_BUDGET_MB", "1")
+    with pytest.raises(ValueError, match=r"needs about .* GB of RAM and 0.0 GB is free: lower the scale"):
+        run_node(comfy_host, "AstriaVAEDecodeTiled", samples={"samples": torch.zeros(1, 4, 64, 64)}, vae=vae,
+                 tile_size=64, overlap=0)
+    assert calls == []

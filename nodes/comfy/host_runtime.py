@@ -6,7 +6,8 @@ import comfy.utils
 
 
 def raise_if_interrupted():
-    """The host's Cancel, asked per tile and per layer chunk; raises ComfyUI's own interrupt exception."""
+    """The host's Cancel, asked per tile and per layer chunk; raises ComfyUI's own interrupt exception (the
+    contract: nodes/core/cancel.py)."""
     comfy.model_management.throw_exception_if_processing_interrupted()
     return False
 

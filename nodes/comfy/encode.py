@@ -12,16 +12,17 @@ from transformers import CLIPTokenizer, CLIPTokenizerFast
 
 from ..core import attention, embeddings, prompt_tokens, settings
 from ._api import io
-from .types import AstriaPromptType
+from .types import AstriaPromptType, node_schema
 
 log = logging.getLogger("astria")
 FROM_PROMPT = "from prompt"
-WEIGHTING_CHOICES = [FROM_PROMPT, "a1111", "comfy", "none"]
+WEIGHTING_CHOICES = [FROM_PROMPT, *settings.WEIGHTING_MODES]  # the nodes' weighting widget
 COMMA_TOKEN_TEXT = ",</w>"  # how CLIP's vocabulary spells a comma ending a word
 
 
 def weighting_for(prompt, choice):
-    """The weighting mode: the node's choice, or from the prompt's use_lpw (docs/astria-syntax.md section 6: false -> none)."""
+    """The weighting mode: the node's choice, or from the prompt's use_lpw (false -> none: docs/astria-syntax.md
+    section 6)."""
     if choice != FROM_PROMPT:
         return choice
     return settings.weighting_from_prompt(prompt)
@@ -172,17 +173,14 @@ def encode_prompt(clip, prompt, weighting):
 
 
 class AstriaEncode(io.ComfyNode):
-    """Encodes the Astria prompt's positive and negative text, with A1111's, ComfyUI's or no prompt weighting."""
+    """Encodes the prompt and its negative_prompt as Astria does: A1111 attention weights ((word:1.2), [word], BREAK,
+    75-token chunks) and bare textual-inversion names found in ComfyUI's embeddings folder. use_lpw=false encodes
+    brackets as plain text; the weighting input can force A1111's, ComfyUI's or no weighting."""
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="AstriaEncode",
-            display_name="Astria Encode",
-            category="Astria",
-            description="Encodes the prompt and its negative_prompt as Astria does: A1111 attention weights "
-                        "((word:1.2), [word], BREAK, 75-token chunks) and bare textual-inversion names found in "
-                        "ComfyUI's embeddings folder. use_lpw=false encodes brackets as plain text.",
+        return node_schema(
+            cls, "AstriaEncode", "Astria Encode",
             inputs=[
                 io.Clip.Input("clip", tooltip="The text encoder (SD1.x or SDXL get A1111 weighting; others the "
                                               "plain text)."),
@@ -193,14 +191,16 @@ class AstriaEncode(io.ComfyNode):
                                        "weights. none: brackets are plain text, every weight 1.0."),
             ],
             outputs=[
-                io.Conditioning.Output(display_name="positive"),
-                io.Conditioning.Output(display_name="negative"),
-                io.String.Output(display_name="notes"),
+                io.Conditioning.Output(display_name="positive", tooltip="The prompt's text, weighted as chosen."),
+                io.Conditioning.Output(display_name="negative",
+                                       tooltip="The negative_prompt, weighted as chosen (empty text when unset)."),
+                io.String.Output(display_name="notes",
+                                 tooltip="How it was encoded: the weighting used, chunks, embeddings found or not."),
             ],
         )
 
     @classmethod
-    def execute(cls, clip, astria_prompt, weighting=FROM_PROMPT) -> io.NodeOutput:
+    def execute(cls, clip, astria_prompt, weighting) -> io.NodeOutput:
         positive, negative, notes = encode_prompt(clip, astria_prompt, weighting_for(astria_prompt, weighting))
         return io.NodeOutput(positive, negative, "\n".join(notes))
 

@@ -9,8 +9,8 @@ Usage: ASTRIA_CACHE=... python bench/only_upscale.py [--sizes 256 512] [--gpu] [
 (run with the host's python: $ASTRIA_CACHE/host-0.3.75/venv/bin/python, or through ./scripts/test's environment)
 """
 import argparse
+import importlib.util
 import json
-import os
 import re
 import shutil
 import socket
@@ -24,20 +24,15 @@ import uuid
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("ASTRIA_CACHE", Path.home() / ".cache" / "comfyui-astria"))
-COMFY_DIR = Path(os.environ.get("COMFYUI_PATH", CACHE / "host-0.3.75" / "ComfyUI"))
-MODELS_DIR = Path(os.environ.get("ASTRIA_TEST_MODELS", CACHE / "models-v1"))
+_spec = importlib.util.spec_from_file_location("astria_test_paths", PACK_ROOT / "tests" / "support" / "paths.py")
+paths = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(paths)  # where the host and the generated models are, as the tests find them
+CACHE, COMFY_DIR, MODELS_DIR = paths.CACHE, paths.COMFY_DIR, paths.MODELS_DIR
 CHECKPOINT = "tiny_sd15.safetensors"
-PROMPT = """masterpiece, best quality, highres, <lora:more_details:0.5> <lora:SDXLrender_v2.0:1> --only_upscale
-num_images=1
-negative_prompt=(worst quality, low quality, normal quality:2)
-seed=42
-steps=16
-cfg_scale=6.0
-denoising_strength=0.1
-scheduler=euler_a"""
 POSITIVE = "masterpiece, best quality, highres"
 NEGATIVE = "(worst quality, low quality, normal quality:2)"
+# The docs' example with a fixed seed, without the embedding name and use_lpw, so both graphs encode the same text.
+PROMPT = paths.pack_module("nodes/core/spec_tables.py").docs_example(seed="42", negative_prompt=NEGATIVE, use_lpw=None)
 
 
 def free_port():

@@ -10,18 +10,20 @@ Usage: $ASTRIA_CACHE/host-0.3.75/venv/bin/python tools/make_readme_images.py [--
 import argparse
 import asyncio
 import importlib.util
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("ASTRIA_CACHE", Path.home() / ".cache" / "comfyui-astria"))
-COMFY_DIR = Path(os.environ.get("COMFYUI_PATH", CACHE / "host-0.3.75" / "ComfyUI"))
-MODELS_DIR = Path(os.environ.get("ASTRIA_TEST_MODELS", CACHE / "models-v1"))
+_spec = importlib.util.spec_from_file_location("astria_test_paths", PACK_ROOT / "tests" / "support" / "paths.py")
+paths = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(paths)  # where the host and the generated models are, as the tests find them
+COMFY_DIR, MODELS_DIR = paths.COMFY_DIR, paths.MODELS_DIR
 EXAMPLE_INPUT = PACK_ROOT / "workflows" / "astria_example_input.png"
 OUTPUT = PACK_ROOT / "docs" / "img" / "before_after.png"
-PROMPT = "masterpiece, best quality, highres --only_upscale\nsteps=16\ncfg_scale=6.0\nscheduler=euler_a\nseed=42"
+# The docs' example without its LoRA tags (the demo has no such files) and without its denoise (--denoise decides).
+PROMPT = paths.pack_module("nodes/core/spec_tables.py").docs_example(
+    text="masterpiece, best quality, highres --only_upscale", seed="42", denoising_strength=None)
 
 
 def load_host(work: Path):
@@ -55,9 +57,12 @@ def load_host(work: Path):
 
 
 def run(nodes, cls_name, **inputs):
-    """Execute one of the pack's V3 nodes; returns its outputs."""
+    """Execute one of the pack's V3 nodes, its required widgets at their defaults unless given; returns its outputs."""
     cls = nodes.NODE_CLASS_MAPPINGS[cls_name].PREPARE_CLASS_CLONE({})
-    return getattr(cls, cls.FUNCTION)(**inputs).result
+    required = cls.INPUT_TYPES().get("required", {})
+    defaults = {name: spec[1]["default"] for name, spec in required.items()
+                if len(spec) > 1 and isinstance(spec[1], dict) and "default" in spec[1]}
+    return getattr(cls, cls.FUNCTION)(**{**defaults, **inputs}).result
 
 
 def side_by_side(before, after, caption):

@@ -13,11 +13,11 @@ from transformers import CLIPTokenizer, CLIPTokenizerFast
 
 from ..core import attention, embeddings, prompt_tokens, settings
 from ._api import io
-from .types import AstriaPromptType
+from .types import AstriaPromptType, node_schema
 
 log = logging.getLogger("astria")
 FROM_PROMPT = "from prompt"
-WEIGHTING_CHOICES = [FROM_PROMPT, *settings.WEIGHTING_MODES]
+WEIGHTING_CHOICES = [FROM_PROMPT, *settings.WEIGHTING_MODES]  # the nodes' weighting widget
 COMMA_TOKEN_TEXT = ",</w>"  # how CLIP's vocabulary spells a comma ending a word
 
 
@@ -242,18 +242,15 @@ def encode_prompt(clip, prompt, weighting):
 
 
 class AstriaEncode(io.ComfyNode):
-    """Encodes the Astria prompt's positive and negative text, with diffusers' LPW, A1111's, ComfyUI's or no weighting."""
+    """Encodes the prompt and its negative_prompt as Astria does: attention weights ((word:1.2), [word], 75-token
+    chunks) applied as diffusers' long-prompt-weighting pipelines (Astria's use_lpw) apply them, or as A1111 or
+    ComfyUI do, and bare textual-inversion names found in ComfyUI's embeddings folder. use_lpw=false encodes
+    brackets as plain text."""
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="AstriaEncode",
-            display_name="Astria Encode",
-            category="Astria",
-            description="Encodes the prompt and its negative_prompt as Astria does: attention weights "
-                        "((word:1.2), [word], 75-token chunks) applied as diffusers' long-prompt-weighting pipelines "
-                        "(Astria's use_lpw) apply them, or as A1111 or ComfyUI do, and bare textual-inversion names "
-                        "found in ComfyUI's embeddings folder. use_lpw=false encodes brackets as plain text.",
+        return node_schema(
+            cls, "AstriaEncode", "Astria Encode",
             inputs=[
                 io.Clip.Input("clip", tooltip="The text encoder (SD1.x or SDXL get A1111 weighting; others the "
                                               "plain text)."),
@@ -267,14 +264,16 @@ class AstriaEncode(io.ComfyNode):
                                        "weights. none: brackets are plain text, every weight 1.0."),
             ],
             outputs=[
-                io.Conditioning.Output(display_name="positive"),
-                io.Conditioning.Output(display_name="negative"),
-                io.String.Output(display_name="notes"),
+                io.Conditioning.Output(display_name="positive", tooltip="The prompt's text, weighted as chosen."),
+                io.Conditioning.Output(display_name="negative",
+                                       tooltip="The negative_prompt, weighted as chosen (empty text when unset)."),
+                io.String.Output(display_name="notes",
+                                 tooltip="How it was encoded: the weighting used, chunks, embeddings found or not."),
             ],
         )
 
     @classmethod
-    def execute(cls, clip, astria_prompt, weighting=FROM_PROMPT) -> io.NodeOutput:
+    def execute(cls, clip, astria_prompt, weighting) -> io.NodeOutput:
         positive, negative, notes = encode_prompt(clip, astria_prompt, weighting_for(astria_prompt, weighting))
         return io.NodeOutput(positive, negative, "\n".join(notes))
 

@@ -36,7 +36,8 @@ def refuse_unless_fits(what, needed, budget, fix):
 
 
 def raise_if_interrupted():
-    """The host's Cancel, asked per tile and per layer chunk; raises ComfyUI's own interrupt exception."""
+    """The host's Cancel, asked per tile and per layer chunk; raises ComfyUI's own interrupt exception (the
+    contract: nodes/core/cancel.py)."""
     comfy.model_management.throw_exception_if_processing_interrupted()
     return False
 

@@ -10,7 +10,7 @@ import folder_paths
 from ..core import loras as lora_core
 from ..core.names import shorten
 from ._api import io
-from .types import AstriaPromptType
+from .types import AstriaPromptType, node_schema
 
 log = logging.getLogger("astria")
 ON_MISSING = ["error", "skip with a warning"]
@@ -91,16 +91,13 @@ def apply_prompt_loras(model, clip, prompt, scale_model=1.0, scale_clip=1.0, on_
 
 
 class AstriaLoraLoader(io.ComfyNode):
-    """Applies the Astria prompt's LoRA tags to the model and the text encoder."""
+    """Applies every <lora:NAME:WEIGHT> tag of the Astria prompt to the model and CLIP, resolving Astria names
+    through your aliases and ComfyUI's loras folders."""
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="AstriaLoraLoader",
-            display_name="Astria LoRA Loader",
-            category="Astria",
-            description="Applies every <lora:NAME:WEIGHT> tag of the Astria prompt to the model and CLIP, "
-                        "resolving Astria names through your aliases and ComfyUI's loras folders.",
+        return node_schema(
+            cls, "AstriaLoraLoader", "Astria LoRA Loader",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to apply the LoRAs to."),
                 io.Clip.Input("clip", tooltip="The text encoder to apply the LoRAs to."),
@@ -112,13 +109,16 @@ class AstriaLoraLoader(io.ComfyNode):
                 io.Combo.Input("on_missing", options=ON_MISSING, default="error",
                                tooltip="A LoRA that is not found: stop with an error, or skip it with a warning."),
             ],
-            outputs=[io.Model.Output(display_name="MODEL"), io.Clip.Output(display_name="CLIP"),
-                     io.String.Output(display_name="report")],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the prompt's LoRAs applied."),
+                     io.Clip.Output(display_name="CLIP", tooltip="The text encoder with the prompt's LoRAs applied."),
+                     io.String.Output(display_name="report",
+                                      tooltip="Which file each tag loaded and how it was matched, the weights, and "
+                                              "what was skipped, why.")],
         )
 
     @classmethod
-    def execute(cls, model, clip, astria_prompt, strength_model_scale=1.0, strength_clip_scale=1.0,
-                on_missing="error") -> io.NodeOutput:
+    def execute(cls, model, clip, astria_prompt, strength_model_scale, strength_clip_scale,
+                on_missing) -> io.NodeOutput:
         model, clip, report = apply_prompt_loras(model, clip, astria_prompt, strength_model_scale,
                                                  strength_clip_scale, on_missing)
         return io.NodeOutput(model, clip, "\n".join(report))

@@ -3,9 +3,8 @@ import comfy.samplers
 
 from ..core import attention, settings, spec_tables, syntax
 from ._api import io
-from .types import AstriaPromptType
+from .types import AstriaPromptType, node_schema
 
-SEED_MAX = 2**32 - 1
 EXAMPLE_PROMPT = spec_tables.DOCS_UPSCALE_EXAMPLE
 
 
@@ -30,15 +29,21 @@ def text_refusal(text):
     return None
 
 
+def settings_for_node(prompt, **defaults):
+    """The prompt's settings with the node's widgets (settings.SamplerDefaults fields) filling what it leaves unset;
+    a prompt that cannot run locally raises AstriaSettingsError, shown by ComfyUI as it is (no wrapper)."""
+    return settings.sampler_settings(prompt, settings.SamplerDefaults(**defaults))
+
+
 def comfy_text(text, weighting):
     """Prompt text in ComfyUI's syntax with the same weights (or verbatim, brackets escaped, for `none`)."""
     converted = attention.comfy_literal(text) if weighting == "none" else attention.to_comfy(text)
     return converted.text, converted.warnings
 
 
-def prompt_summary(prompt, defaults):
+def prompt_summary(prompt, **defaults):
     """What was understood: LoRAs, flags, settings, remote-only items, warnings (for the summary output)."""
-    understood = settings.sampler_settings(prompt, defaults)  # AstriaSettingsError: the node's error as it is
+    understood = settings_for_node(prompt, **defaults)
     lines = [f"Prompt: {prompt.positive}"]
     if prompt.negative_prompt:
         lines.append(f"Negative: {prompt.negative_prompt}")
@@ -48,26 +53,30 @@ def prompt_summary(prompt, defaults):
 
 
 class AstriaPrompt(io.ComfyNode):
-    """Parses an Astria prompt block into the ASTRIA_PROMPT every Astria node reads, plus ComfyUI prompt text."""
+    """Paste a prompt as copied from Astria's gallery: text with <lora:NAME:W> tags, --flags and key=value lines.
+    Outputs the parsed prompt every Astria node reads, and ComfyUI-syntax prompt strings."""
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="AstriaPrompt",
-            display_name="Astria Prompt",
-            category="Astria",
-            description="Paste a prompt as copied from Astria's gallery: text with <lora:NAME:W> tags, --flags "
-                        "and key=value lines. Outputs the parsed prompt and ComfyUI-syntax prompt strings.",
+        return node_schema(
+            cls, "AstriaPrompt", "Astria Prompt",
             inputs=[
                 io.String.Input("text", multiline=True, default=EXAMPLE_PROMPT,
                                 tooltip="The Astria prompt block: prompt text, <lora:...> tags, --flags, then "
                                         "key=value lines (steps=16, denoising_strength=0.1, negative_prompt=...)."),
             ],
             outputs=[
-                AstriaPromptType.Output(display_name="ASTRIA_PROMPT"),
-                io.String.Output(display_name="positive"),
-                io.String.Output(display_name="negative"),
-                io.String.Output(display_name="summary"),
+                AstriaPromptType.Output(display_name="ASTRIA_PROMPT",
+                                        tooltip="The parsed prompt (text, LoRA tags, flags, params) for the other "
+                                                "Astria nodes."),
+                io.String.Output(display_name="positive",
+                                 tooltip="The prompt text without tags and flags, in ComfyUI's weight syntax (for "
+                                         "CLIP Text Encode)."),
+                io.String.Output(display_name="negative",
+                                 tooltip="The negative_prompt in ComfyUI's weight syntax (for CLIP Text Encode)."),
+                io.String.Output(display_name="summary",
+                                 tooltip="What was understood: settings, LoRAs, what a local run applies and what "
+                                         "not (why), warnings."),
             ],
         )
 
@@ -80,7 +89,7 @@ class AstriaPrompt(io.ComfyNode):
     def execute(cls, text) -> io.NodeOutput:
         prompt = parse_for_node(text)
         try:
-            understood, lines = prompt_summary(prompt, settings.SamplerDefaults())
+            understood, lines = prompt_summary(prompt)
             weighting = understood.weighting
         except ValueError as error:  # e.g. a scheduler only Astria's cloud knows: the remote node can still run it
             lines = [f"Prompt: {prompt.positive}", f"Local run not possible: {error}"]
@@ -93,18 +102,16 @@ class AstriaPrompt(io.ComfyNode):
 
 
 class AstriaSettings(io.ComfyNode):
-    """Turns a parsed Astria prompt into sampler settings, so a pasted prompt can drive KSampler or any graph."""
+    """The prompt's steps, seed, cfg, denoise, sampler, scheduler and size as plain values, so a pasted prompt can
+    drive KSampler or any graph."""
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="AstriaSettings",
-            display_name="Astria Settings",
-            category="Astria",
-            description="The prompt's steps, seed, cfg, denoise, sampler, scheduler and size as plain values.",
+        return node_schema(
+            cls, "AstriaSettings", "Astria Settings",
             inputs=[
                 AstriaPromptType.Input("astria_prompt", tooltip="The parsed prompt from Astria Prompt."),
-                io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True,
+                io.Int.Input("seed", default=0, min=0, max=spec_tables.SEED_MAX, control_after_generate=True,
                              tooltip="Seed used when the prompt's seed= is empty (0 to 2^32-1, Astria's range)."),
                 io.Int.Input("default_steps", default=16, min=1, max=150,
                              tooltip="Steps used when the prompt sets none (or steps=0)."),
@@ -114,21 +121,25 @@ class AstriaSettings(io.ComfyNode):
                                tooltip="Denoise used when the prompt sets no denoising_strength."),
             ],
             outputs=[
-                io.Int.Output(display_name="steps"),
-                io.Int.Output(display_name="seed"),
-                io.Float.Output(display_name="cfg"),
-                io.Float.Output(display_name="denoise"),
-                io.Combo.Output(display_name="sampler_name", options=comfy.samplers.SAMPLER_NAMES),
-                io.Combo.Output(display_name="scheduler", options=comfy.samplers.SCHEDULER_NAMES),
-                io.Int.Output(display_name="width"),
-                io.Int.Output(display_name="height"),
+                io.Int.Output(display_name="steps", tooltip="Steps of the full schedule (the prompt's steps=, else "
+                                                            "default_steps); A1111 img2img runs only part of them."),
+                io.Int.Output(display_name="seed", tooltip="The prompt's seed=, else the seed widget."),
+                io.Float.Output(display_name="cfg", tooltip="The prompt's cfg_scale=, else default_cfg."),
+                io.Float.Output(display_name="denoise",
+                                tooltip="The prompt's denoising_strength=, else default_denoise."),
+                io.Combo.Output(display_name="sampler_name", options=comfy.samplers.SAMPLER_NAMES,
+                                tooltip="ComfyUI's sampler for the prompt's scheduler= (euler_a: euler_ancestral)."),
+                io.Combo.Output(display_name="scheduler", options=comfy.samplers.SCHEDULER_NAMES,
+                                tooltip="ComfyUI's scheduler for the prompt's scheduler= (normal, karras, ...)."),
+                io.Int.Output(display_name="width", tooltip="The prompt's w=, or 0 when it sets none."),
+                io.Int.Output(display_name="height", tooltip="The prompt's h=, or 0 when it sets none."),
             ],
         )
 
     @classmethod
-    def execute(cls, astria_prompt, seed=0, default_steps=16, default_cfg=6.0, default_denoise=0.1) -> io.NodeOutput:
-        defaults = settings.SamplerDefaults(steps=default_steps, cfg=default_cfg, denoise=default_denoise, seed=seed)
-        understood, _ = prompt_summary(astria_prompt, defaults)
+    def execute(cls, astria_prompt, seed, default_steps, default_cfg, default_denoise) -> io.NodeOutput:
+        understood = settings_for_node(astria_prompt, steps=default_steps, cfg=default_cfg, denoise=default_denoise,
+                                       seed=seed)
         return io.NodeOutput(understood.steps, understood.seed, understood.cfg, understood.denoise,
                              understood.sampler_name, understood.scheduler, understood.width or 0,
                              understood.height or 0)

@@ -17,17 +17,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..core import astria_transport
+from ..core import astria_transport, spec_tables
 from ..core.astria_errors import AstriaCancelled
 from ..core.astria_jobs import AstriaClient
 from ..core.astria_journal import JobJournal
 from ._api import io
-from .types import AstriaPromptType
+from .types import AstriaPromptType, node_schema
 
 log = logging.getLogger("astria")
 
-SEED_MAX = 2**32 - 1  # Astria's seed range
-SEED_MODULUS = 2**32
 DEFAULT_TUNE_ID = 690204  # Realistic Vision v5.1 from Astria's gallery, the tune of the docs' upscale example
 SYSTEM_USER_NAME = "astria"  # folder_paths turns it into user/__astria/, which ComfyUI never serves over HTTP
 KEY_FILE_NAME = "api_key"
@@ -79,7 +77,7 @@ def remote_fields(prompt, has_image: bool = True) -> tuple[dict, list[str]]:
 def batch_seeds(prompt, widget_seed: int, count: int) -> list[int]:
     """One seed per image: the prompt's seed= when set, else the widget's; image i gets seed + i (mod 2^32)."""
     base = prompt.param("seed", widget_seed)
-    return [(int(base) + index) % SEED_MODULUS for index in range(count)]
+    return [(int(base) + index) % astria_transport.SEED_MODULUS for index in range(count)]
 
 
 def image_to_png(image: torch.Tensor) -> bytes:
@@ -187,17 +185,14 @@ def raise_for_failures(outcomes, first_seed: int) -> None:
 
 
 class AstriaRemoteUpscale(io.ComfyNode):
-    """Upscales each image of a batch on Astria's servers with a pasted Astria prompt (paid, exactly once)."""
+    """Sends each image with the Astria prompt to Astria's API (--only_upscale) and returns the results. Every image
+    is one paid Astria prompt, created exactly once. The API key comes from ASTRIA_API_KEY or the key file
+    user/__astria/api_key, never from the workflow."""
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="AstriaRemoteUpscale",
-            display_name="Astria Remote Upscale",
-            category="Astria",
-            description="Sends each image with the Astria prompt to Astria's API (--only_upscale) and returns the "
-                        "results. Every image is one paid Astria prompt. The API key comes from ASTRIA_API_KEY or "
-                        "the key file user/__astria/api_key, never from the workflow.",
+        return node_schema(
+            cls, "AstriaRemoteUpscale", "Astria Remote Upscale",
             inputs=[
                 io.Image.Input("image", optional=True,
                                tooltip="The images to upscale; each image of the batch is one paid Astria prompt. "
@@ -208,7 +203,7 @@ class AstriaRemoteUpscale(io.ComfyNode):
                 io.Int.Input("tune_id", default=DEFAULT_TUNE_ID, min=1, max=2**63 - 1,
                              tooltip="The Astria tune (model) that runs the prompt; 690204 is Realistic Vision "
                                      "v5.1 from Astria's gallery, as in Astria's upscale example."),
-                io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True,
+                io.Int.Input("seed", default=0, min=0, max=spec_tables.SEED_MAX, control_after_generate=True,
                              tooltip="Seed when the prompt's seed= is empty; image i of the batch gets seed + i. "
                                      "A new seed makes a new (paid) request; an unfinished job resumes whatever "
                                      "the seed says."),
@@ -218,13 +213,13 @@ class AstriaRemoteUpscale(io.ComfyNode):
                              tooltip="Spend guard: a batch with more images than this (one paid prompt each) "
                                      "does not start."),
             ],
-            outputs=[io.Image.Output(display_name="IMAGE")],
+            outputs=[io.Image.Output(display_name="IMAGE",
+                                     tooltip="Astria's results in input order: num_images per input image.")],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    async def execute(cls, astria_prompt, image=None, tune_id=DEFAULT_TUNE_ID, seed=0, concurrency=2,
-                      max_prompts=16) -> io.NodeOutput:
+    async def execute(cls, astria_prompt, tune_id, seed, concurrency, max_prompts, image=None) -> io.NodeOutput:
         if image is None and not astria_prompt.is_set("input_image_url"):
             raise ValueError("Astria Remote Upscale has nothing to upscale: connect an IMAGE, or give the prompt an "
                              "input_image_url=https://... line for Astria to fetch.")

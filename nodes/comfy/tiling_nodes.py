@@ -1,20 +1,29 @@
 """Astria VAE Encode/Decode (Tiled) and Astria Tiled Diffusion: exact one-pass tiled VAE and MultiDiffusion."""
 from . import host_diffusion, host_vae
 from ._api import io
+from .types import node_schema
 
 TILE_TOOLTIP = "Tile side in pixels: smaller tiles use less memory; the result is the same (exact tiling)."
 OVERLAP_TOOLTIP = "Kept for drop-in compatibility with the host's node: our tiled VAE is exact and needs no overlap."
 TEMPORAL_SIZE_TOOLTIP = "Only used for video VAEs (passed to ComfyUI's tiled VAE): frames per tile."
 TEMPORAL_OVERLAP_TOOLTIP = "Only used for video VAEs (passed to ComfyUI's tiled VAE): frames of overlap."
+TILING_CATEGORY = "Astria/tiling"
 
 
-def _tile_inputs(tile_step):
-    return [
-        io.Int.Input("tile_size", default=512, min=64, max=4096, step=tile_step, tooltip=TILE_TOOLTIP),
-        io.Int.Input("overlap", default=64, min=0, max=4096, step=32, tooltip=OVERLAP_TOOLTIP),
-        io.Int.Input("temporal_size", default=64, min=8, max=4096, step=4, tooltip=TEMPORAL_SIZE_TOOLTIP),
-        io.Int.Input("temporal_overlap", default=8, min=4, max=4096, step=4, tooltip=TEMPORAL_OVERLAP_TOOLTIP),
-    ]
+def _tiled_vae_schema(cls, node_id, display_name, data_input, output, tile_step):
+    """The schema both tiled VAE nodes share: their data, the VAE, and the host node's tile widgets."""
+    return node_schema(
+        cls, node_id, display_name, category=TILING_CATEGORY,
+        inputs=[
+            data_input,
+            io.Vae.Input("vae", tooltip="The VAE to run in tiles."),
+            io.Int.Input("tile_size", default=512, min=64, max=4096, step=tile_step, tooltip=TILE_TOOLTIP),
+            io.Int.Input("overlap", default=64, min=0, max=4096, step=32, tooltip=OVERLAP_TOOLTIP),
+            io.Int.Input("temporal_size", default=64, min=8, max=4096, step=4, tooltip=TEMPORAL_SIZE_TOOLTIP),
+            io.Int.Input("temporal_overlap", default=8, min=4, max=4096, step=4, tooltip=TEMPORAL_OVERLAP_TOOLTIP),
+        ],
+        outputs=[output],
+    )
 
 
 def _is_video(vae):
@@ -22,23 +31,18 @@ def _is_video(vae):
 
 
 class AstriaVAEEncodeTiled(io.ComfyNode):
-    """Drop-in VAEEncodeTiled whose tiles give exactly the untiled result, in one pass."""
+    """Encodes an image in tiles, layer by layer with whole-image GroupNorm statistics: the same latent as an
+    untiled encode, in one pass, at a fraction of its memory. A drop-in VAEEncodeTiled."""
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="AstriaVAEEncodeTiled",
-            display_name="Astria VAE Encode (Tiled)",
-            category="Astria/tiling",
-            description="Encodes an image in tiles, layer by layer with whole-image GroupNorm statistics: the same "
-                        "latent as an untiled encode, at a fraction of its memory.",
-            inputs=[io.Image.Input("pixels", tooltip="The image to encode."),
-                    io.Vae.Input("vae", tooltip="The VAE to encode with."), *_tile_inputs(64)],
-            outputs=[io.Latent.Output(display_name="LATENT")],
-        )
+        return _tiled_vae_schema(
+            cls, "AstriaVAEEncodeTiled", "Astria VAE Encode (Tiled)",
+            io.Image.Input("pixels", tooltip="The image to encode."),
+            io.Latent.Output(display_name="LATENT", tooltip="The latent, equal to the untiled encode's."), tile_step=64)
 
     @classmethod
-    def execute(cls, pixels, vae, tile_size=512, overlap=64, temporal_size=64, temporal_overlap=8) -> io.NodeOutput:
+    def execute(cls, pixels, vae, tile_size, overlap, temporal_size, temporal_overlap) -> io.NodeOutput:
         if _is_video(vae):
             samples = vae.encode_tiled(pixels[..., :3], tile_x=tile_size, tile_y=tile_size, overlap=overlap,
                                        tile_t=temporal_size, overlap_t=temporal_overlap)
@@ -48,23 +52,18 @@ class AstriaVAEEncodeTiled(io.ComfyNode):
 
 
 class AstriaVAEDecodeTiled(io.ComfyNode):
-    """Drop-in VAEDecodeTiled whose tiles give exactly the untiled result, in one pass."""
+    """Decodes a latent in tiles, layer by layer with whole-image GroupNorm statistics: no seams, no colour shift,
+    one pass, a fraction of the untiled memory. A drop-in VAEDecodeTiled."""
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="AstriaVAEDecodeTiled",
-            display_name="Astria VAE Decode (Tiled)",
-            category="Astria/tiling",
-            description="Decodes a latent in tiles, layer by layer with whole-image GroupNorm statistics: no seams, "
-                        "no colour shift, a fraction of the untiled memory.",
-            inputs=[io.Latent.Input("samples", tooltip="The latent to decode."),
-                    io.Vae.Input("vae", tooltip="The VAE to decode with."), *_tile_inputs(32)],
-            outputs=[io.Image.Output(display_name="IMAGE")],
-        )
+        return _tiled_vae_schema(
+            cls, "AstriaVAEDecodeTiled", "Astria VAE Decode (Tiled)",
+            io.Latent.Input("samples", tooltip="The latent to decode."),
+            io.Image.Output(display_name="IMAGE", tooltip="The image, equal to the untiled decode's."), tile_step=32)
 
     @classmethod
-    def execute(cls, samples, vae, tile_size=512, overlap=64, temporal_size=64, temporal_overlap=8) -> io.NodeOutput:
+    def execute(cls, samples, vae, tile_size, overlap, temporal_size, temporal_overlap) -> io.NodeOutput:
         latent = samples["samples"]
         if _is_video(vae):
             compression = vae.spacial_compression_decode()
@@ -78,17 +77,13 @@ class AstriaVAEDecodeTiled(io.ComfyNode):
 
 
 class AstriaTiledDiffusion(io.ComfyNode):
-    """MODEL -> MODEL that denoises overlapping latent tiles each step and blends them (MultiDiffusion)."""
+    """Makes any sampler denoise large latents in overlapping tiles, blended every step (MultiDiffusion): 4K+ images
+    in bounded memory without seams. Conditioning areas and ControlNet hints are cropped per tile."""
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="AstriaTiledDiffusion",
-            display_name="Astria Tiled Diffusion",
-            category="Astria/tiling",
-            description="Makes any sampler denoise large latents in overlapping tiles, blended every step: 4K+ "
-                        "images in bounded memory without seams. Conditioning areas and ControlNet hints are "
-                        "cropped per tile.",
+        return node_schema(
+            cls, "AstriaTiledDiffusion", "Astria Tiled Diffusion", category=TILING_CATEGORY,
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to tile."),
                 io.Int.Input("tile_size", default=1024, min=256, max=8192, step=64,
@@ -98,11 +93,13 @@ class AstriaTiledDiffusion(io.ComfyNode):
                 io.Int.Input("tile_batch_size", default=4, min=1, max=64,
                              tooltip="Tiles denoised per model call: higher is faster on a GPU, uses more memory."),
             ],
-            outputs=[io.Model.Output(display_name="MODEL")],
+            outputs=[io.Model.Output(display_name="MODEL",
+                                     tooltip="A copy of the model whose sampling steps run in tiles; connect it to "
+                                             "any sampler.")],
         )
 
     @classmethod
-    def execute(cls, model, tile_size=1024, overlap=64, tile_batch_size=4) -> io.NodeOutput:
+    def execute(cls, model, tile_size, overlap, tile_batch_size) -> io.NodeOutput:
         return io.NodeOutput(host_diffusion.with_tiled_diffusion(model, tile_size, overlap, tile_batch_size))
 
 

@@ -1,6 +1,8 @@
 """Astria Only Upscale: Astria's `--only_upscale` on the host: upscale, tiled encode, low-denoise img2img with A1111
 step semantics, tiled decode, colour fix. The FromPrompt variant takes every setting from a pasted Astria prompt."""
 import logging
+from dataclasses import dataclass, replace
+from typing import Any
 
 import comfy.model_management
 import comfy.sample
@@ -9,15 +11,15 @@ import comfy.utils
 import latent_preview
 import torch
 
-from ..core import img2img, settings
+from ..core import img2img, spec_tables
 from . import host_diffusion, host_vae
 from ._api import io
-from .encode import encode_prompt
+from .encode import FROM_PROMPT, WEIGHTING_CHOICES, encode_prompt
 from .lora import apply_prompt_loras
-from .types import AstriaPromptType, ListTypedCombo
+from .prompt import settings_for_node
+from .types import AstriaPromptType, ListTypedCombo, node_schema
 
 log = logging.getLogger("astria")
-SEED_MAX = 2**32 - 1  # Astria's seed range
 STEP_SEMANTICS = ["astria", "comfyui"]
 # 768 px diffusion tiles: at 512->1024 the untiled UNet's self-attention is the memory peak (bench/only_upscale.py:
 # 3.12 GB at 1024 px tiles, 2.30 GB at 768, same time); 1024 px targets split into 2x2 tiles (1.13x UNet work).
@@ -77,6 +79,12 @@ def apply_control_net(positive, negative, control_net, hint_image, strength, vae
                                                                  strength, 0.0, 1.0, vae=vae)
 
 
+def require_vae(vae):
+    """A clear error when no VAE is connected (a checkpoint without one passes None)."""
+    if vae is None:
+        raise ValueError("Astria Only Upscale needs a VAE: connect the checkpoint loader's VAE output")
+
+
 def only_upscale(job):
     """Run the whole only-upscale for one seed; `job` holds the node's inputs. Returns (B, H, W, C) images."""
     batch, in_height, in_width = job.image.shape[0], job.image.shape[1], job.image.shape[2]
@@ -128,7 +136,7 @@ def upscale_widget_inputs():
                        tooltip="Sampler (Astria's euler_a = euler_ancestral)."),
         ListTypedCombo("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal",
                        tooltip="Noise schedule (Astria's schedulers map to normal or karras)."),
-        io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True,
+        io.Int.Input("seed", default=0, min=0, max=spec_tables.SEED_MAX, control_after_generate=True,
                      tooltip="Noise seed (0 to 2^32-1, Astria's range); used when the prompt sets no seed."),
         io.Int.Input("tile_size", default=DEFAULT_TILE_PX, min=256, max=4096, step=64,
                      tooltip="Tile side in pixels for tiled diffusion (images up to this size run in one piece); the "
@@ -149,34 +157,51 @@ def optional_model_inputs():
                               tooltip="Optional upscale model (e.g. 4x ESRGAN) run first, then resized to the target."),
         io.ControlNet.Input("control_net", optional=True,
                             tooltip="Optional tile ControlNet, hinted with the upscaled image (Astria's --resemblance)."),
-        io.Float.Input("control_strength", default=0.65, min=0.0, max=2.0, step=0.01, optional=True,
+        io.Float.Input("control_strength", default=spec_tables.DEFAULT_RESEMBLANCE, min=0.0, max=2.0, step=0.01,
+                       optional=True,
                        tooltip="ControlNet strength (Astria's --resemblance, default 0.65); used with a ControlNet."),
     ]
 
 
+@dataclass(frozen=True)
 class UpscaleJob:
-    """Everything one only-upscale run needs (the node's inputs, resolved)."""
+    """Everything one only-upscale run needs (the node's inputs, resolved); a misspelt field is a TypeError."""
 
-    def __init__(self, **fields):
-        self.upscale_model = None
-        self.control_net = None
-        self.control_strength = 0.65
-        self.callback = None
-        self.notes = None
-        self.__dict__.update(fields)
+    image: torch.Tensor
+    model: Any
+    vae: Any
+    positive: list
+    negative: list
+    scale: float
+    width: int
+    height: int
+    steps: int
+    denoise: float
+    cfg: float
+    sampler_name: str
+    scheduler: str
+    seed: int
+    tile_size: int
+    color_fix: str
+    step_semantics: str
+    upscale_model: Any = None
+    control_net: Any = None
+    control_strength: float = spec_tables.DEFAULT_RESEMBLANCE
+    callback: Any = None  # a sampler callback; None: the host's latent preview
+    notes: Any = None  # a list the run appends its VAE way notes to (which way ran and why), or None
+
+
+IMAGE_TOOLTIP = "The upscaled image(s), in input order; from prompt: num_images per input image, one seed each."
 
 
 class AstriaOnlyUpscale(io.ComfyNode):
-    """Only-upscale from explicit inputs: any model, any conditioning."""
+    """Upscales the image and adds detail with a low-denoise img2img pass, like Astria's --only_upscale: tiled VAE,
+    tiled diffusion, A1111 step semantics, colour fix. Any model, any conditioning."""
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="AstriaOnlyUpscale",
-            display_name="Astria Only Upscale",
-            category="Astria",
-            description="Upscales the image and adds detail with a low-denoise img2img pass, like Astria's "
-                        "--only_upscale: tiled VAE, tiled diffusion, A1111 step semantics, colour fix.",
+        return node_schema(
+            cls, "AstriaOnlyUpscale", "Astria Only Upscale",
             inputs=[
                 io.Image.Input("image", tooltip="The image(s) to upscale; a batch is fine."),
                 io.Model.Input("model", tooltip="The diffusion model (with LoRAs applied if wanted)."),
@@ -186,16 +211,14 @@ class AstriaOnlyUpscale(io.ComfyNode):
                 *upscale_widget_inputs(),
                 *optional_model_inputs(),
             ],
-            outputs=[io.Image.Output(display_name="IMAGE")],
+            outputs=[io.Image.Output(display_name="IMAGE", tooltip=IMAGE_TOOLTIP)],
         )
 
     @classmethod
-    def execute(cls, image, model, vae, positive, negative, scale=2.0, width=0, height=0, steps=16, denoise=0.1,
-                cfg=6.0, sampler_name="euler_ancestral", scheduler="normal", seed=0, tile_size=DEFAULT_TILE_PX,
-                color_fix="wavelet", step_semantics="astria", upscale_model=None, control_net=None,
-                control_strength=0.65) -> io.NodeOutput:
-        if vae is None:
-            raise ValueError("Astria Only Upscale needs a VAE: connect the checkpoint loader's VAE output")
+    def execute(cls, image, model, vae, positive, negative, scale, width, height, steps, denoise, cfg, sampler_name,
+                scheduler, seed, tile_size, color_fix, step_semantics, upscale_model=None, control_net=None,
+                control_strength=spec_tables.DEFAULT_RESEMBLANCE) -> io.NodeOutput:
+        require_vae(vae)
         job = UpscaleJob(image=image, model=model, vae=vae, positive=positive, negative=negative, scale=scale,
                          width=width, height=height, steps=steps, denoise=denoise, cfg=cfg,
                          sampler_name=sampler_name, scheduler=scheduler, seed=seed, tile_size=tile_size,
@@ -204,21 +227,15 @@ class AstriaOnlyUpscale(io.ComfyNode):
         return io.NodeOutput(only_upscale(job))
 
 
-WEIGHTING_CHOICES = ["from prompt", *settings.WEIGHTING_MODES]
-
-
 class AstriaOnlyUpscaleFromPrompt(io.ComfyNode):
-    """The one node a user needs after pasting a prompt: LoRAs, encoding and every setting come from the prompt."""
+    """Runs Astria's --only_upscale from a pasted prompt: applies its LoRAs, encodes it with its prompt weights
+    (use_lpw), takes steps/denoise/cfg/scheduler/seed/size from it (widgets fill only what the prompt leaves unset)
+    and reports what was and was not applied. The one node a user needs after pasting a prompt."""
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="AstriaOnlyUpscaleFromPrompt",
-            display_name="Astria Only Upscale (from prompt)",
-            category="Astria",
-            description="Runs Astria's --only_upscale from a pasted prompt: applies its LoRAs, encodes it with "
-                        "its prompt weights (use_lpw), takes steps/denoise/cfg/scheduler/seed/size from it (widgets fill only what "
-                        "the prompt leaves unset) and reports what was and was not applied.",
+        return node_schema(
+            cls, "AstriaOnlyUpscaleFromPrompt", "Astria Only Upscale (from prompt)",
             inputs=[
                 io.Image.Input("image", tooltip="The image(s) to upscale; a batch is fine."),
                 io.Model.Input("model", tooltip="The diffusion model (the prompt's LoRAs are applied to it)."),
@@ -226,40 +243,40 @@ class AstriaOnlyUpscaleFromPrompt(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The VAE that encodes and decodes the image."),
                 AstriaPromptType.Input("astria_prompt", tooltip="The parsed prompt from Astria Prompt."),
                 *upscale_widget_inputs(),
-                io.Combo.Input("weighting", options=WEIGHTING_CHOICES, default="from prompt",
+                io.Combo.Input("weighting", options=WEIGHTING_CHOICES, default=FROM_PROMPT,
                                tooltip="Prompt weighting: from the prompt's use_lpw (lpw, diffusers' pipelines as "
                                        "on Astria, unless use_lpw=false), or force lpw, a1111 (A1111's emphasis), "
                                        "comfy (ComfyUI's formula) or none (brackets as text)."),
                 *optional_model_inputs(),
             ],
-            outputs=[io.Image.Output(display_name="IMAGE"), io.String.Output(display_name="summary")],
+            outputs=[io.Image.Output(display_name="IMAGE", tooltip=IMAGE_TOOLTIP),
+                     io.String.Output(display_name="summary",
+                                      tooltip="What was understood and done: the settings that ran (and which came "
+                                              "from the widgets), LoRAs, encoding, and every item not applied, why.")],
         )
 
     @classmethod
-    def execute(cls, image, model, clip, vae, astria_prompt, scale=2.0, width=0, height=0, steps=16, denoise=0.1,
-                cfg=6.0, sampler_name="euler_ancestral", scheduler="normal", seed=0, tile_size=DEFAULT_TILE_PX,
-                color_fix="wavelet", step_semantics="astria", weighting="from prompt", upscale_model=None,
-                control_net=None, control_strength=0.65) -> io.NodeOutput:
-        if vae is None:
-            raise ValueError("Astria Only Upscale needs a VAE: connect the checkpoint loader's VAE output")
-        defaults = settings.SamplerDefaults(
-            steps=steps, cfg=cfg, denoise=denoise, sampler_name=sampler_name, scheduler=scheduler, seed=seed,
-            scale=scale, has_upscale_model=upscale_model is not None, has_control_net=control_net is not None,
-            weighting=None if weighting == "from prompt" else weighting)
-        understood = settings.sampler_settings(astria_prompt, defaults)  # AstriaSettingsError as it is
+    def execute(cls, image, model, clip, vae, astria_prompt, scale, width, height, steps, denoise, cfg, sampler_name,
+                scheduler, seed, tile_size, color_fix, step_semantics, weighting, upscale_model=None,
+                control_net=None, control_strength=spec_tables.DEFAULT_RESEMBLANCE) -> io.NodeOutput:
+        require_vae(vae)
+        understood = settings_for_node(astria_prompt, steps=steps, cfg=cfg, denoise=denoise,
+                                       sampler_name=sampler_name, scheduler=scheduler, seed=seed, scale=scale,
+                                       has_upscale_model=upscale_model is not None,
+                                       has_control_net=control_net is not None,
+                                       weighting=None if weighting == FROM_PROMPT else weighting)
         model, clip, lora_report = apply_prompt_loras(model, clip, astria_prompt)
         positive, negative, encode_notes = encode_prompt(clip, astria_prompt, understood.weighting)
-        results, vae_notes = [], []
-        for run_seed in understood.seeds:
-            job = UpscaleJob(image=image, model=model, vae=vae, positive=positive, negative=negative,
-                             scale=understood.scale, width=understood.width or width,
-                             height=understood.height or height, steps=understood.steps, denoise=understood.denoise,
-                             cfg=understood.cfg, sampler_name=understood.sampler_name,
-                             scheduler=understood.scheduler, seed=run_seed, tile_size=tile_size, color_fix=color_fix,
-                             step_semantics=step_semantics, upscale_model=upscale_model, control_net=control_net,
-                             control_strength=understood.control_strength if understood.control_strength is not None
-                             else control_strength, notes=vae_notes)
-            results.append(only_upscale(job))
+        strength = understood.control_strength
+        vae_notes = []
+        job = UpscaleJob(image=image, model=model, vae=vae, positive=positive, negative=negative,
+                         scale=understood.scale, width=understood.width or width, height=understood.height or height,
+                         steps=understood.steps, denoise=understood.denoise, cfg=understood.cfg,
+                         sampler_name=understood.sampler_name, scheduler=understood.scheduler,
+                         seed=understood.seed, tile_size=tile_size, color_fix=color_fix,
+                         step_semantics=step_semantics, upscale_model=upscale_model, control_net=control_net,
+                         control_strength=control_strength if strength is None else strength, notes=vae_notes)
+        results = [only_upscale(replace(job, seed=run_seed)) for run_seed in understood.seeds]
         summary = understood.summary_lines() + ["LoRAs applied:"] + [f"  {line}" for line in lora_report]
         summary += [f"Encoding: {note}" for note in encode_notes]
         summary += list(dict.fromkeys(vae_notes))  # which way the VAE ran and why (once per distinct line)

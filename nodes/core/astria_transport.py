@@ -38,11 +38,12 @@ from .astria_errors import (
     AstriaTimeout,
 )
 from .astria_journal import form_value
+from .spec_tables import SEED_MAX
 
 logger = logging.getLogger("astria")
 
 DEFAULT_BASE_URL = "https://api.astria.ai"
-SEED_MODULUS = 2**32
+SEED_MODULUS = SEED_MAX + 1  # seeds wrap around Astria's range
 DEFAULT_KEY_FILE_HINT = "user/__astria/api_key in ComfyUI's folder"
 SETTLE_ENV = "ASTRIA_CREATE_SETTLE_S"
 DEFAULT_SETTLE_S = 60.0  # Astria's docs: after a 504, wait 60 s before looking again

@@ -380,19 +380,6 @@ def _top_level_key_lines(text: str, path: str) -> dict[str, int]:
             position += 1
 
 
-def check_aliases(aliases: Mapping[str, str], available: Sequence[str], alias_file: str | None = None) -> list[str]:
-    """One message per alias that does not lead to a single loadable file (missing, ambiguous, pickle, unsafe)."""
-    alias_file = alias_file or getattr(aliases, "path", None) or ALIAS_FILE_HINT
-    problems = []
-    for key, target in aliases.items():
-        where = aliases.where(key) if isinstance(aliases, AliasTable) else alias_file
-        try:
-            _resolve_alias_target(key, target, available, where)
-        except LoraResolutionError as error:
-            problems.append(str(error))
-    return problems
-
-
 # ---------------------------------------------------------------- plan
 
 

@@ -13,20 +13,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .cancel import check_cancel
 from .tiling import LATENT_SCALE, Tile, TilePlan
-
-
-class TilingCancelled(Exception):
-    """Raised when the caller's `should_cancel()` answers True between tile batches."""
-
 
 Progress = Callable[[int, int], None]
 """progress(tiles_done, tiles_total), called after each tile."""
-
-
-def _check_cancel(should_cancel: Callable[[], bool] | None) -> None:
-    if should_cancel is not None and should_cancel():
-        raise TilingCancelled("Tiled diffusion was cancelled.")
 
 
 def tile_batches(plan: TilePlan, tile_batch_size: int) -> list[list[int]]:
@@ -49,7 +40,7 @@ def _blend_batches(x: torch.Tensor, plan: TilePlan, run_batch, tile_batch_size: 
     outputs: list[torch.Tensor | None] | None = None
     done = 0
     for indices in tile_batches(plan, tile_batch_size):
-        _check_cancel(should_cancel)
+        check_cancel(should_cancel, "Tiled diffusion")
         chosen = [tiles[i] for i in indices]
         crops = torch.cat([x[(..., *t.slices())] for t in chosen])  # tile-major: tile 0's batch, tile 1's, ...
         results = run_batch(crops, chosen)
@@ -267,7 +258,3 @@ def make_tiled_calc_cond_batch_wrapper(plan_for: Callable[[int, int], TilePlan],
 
     return wrapper
 
-
-def unet_amplification(plan: TilePlan) -> float:
-    """UNet work of one tiled step over one untiled step: sum of tile areas / latent area."""
-    return plan.amplification

@@ -1,4 +1,6 @@
-"""AstriaPrompt -> the settings of a local only-upscale run (docs/astria-syntax.md section 7): sampler, steps, seeds, size, weighting.
+"""AstriaPrompt -> the settings of a local only-upscale run: sampler, steps, seeds, size, weighting.
+
+The rules are docs/astria-syntax.md section 7.
 
 Every flag and param of the prompt lands in `applied` or in `not_applied` (with the reason), never silently
 dropped. Pure: no ComfyUI, no random numbers (an unset seed takes the node's seed widget).
@@ -369,24 +371,29 @@ _HANDLED_PARAMS = frozenset({
 })
 
 
+_PARAM_REASONS = ((tables.HIRES_PARAMS, tables.HIRES_REASON), (tables.URL_PARAMS, tables.URL_REASON),
+                  (tables.ASPECT_PARAMS, tables.ASPECT_REASON))
+_FLAG_REASONS = ((tables.HIRES_FLAGS, tables.HIRES_REASON),)
+
+
+def _not_applied_reason(name: str, groups, known, unknown_reason: str) -> str:
+    """Why a local run does not use a flag or param: its group's reason, else remote only; unknown names say so."""
+    if name not in known:
+        return unknown_reason
+    return next((reason for names, reason in groups if name in names), tables.REMOTE_ONLY_REASON)
+
+
 def _remaining_params(prompt: AstriaPrompt, notes: _Notes) -> None:
     """Params without a local meaning: not applied with the spec's reason, or 'nothing to do' when off/unset."""
     for key, value in prompt.params.items():
         if key in _HANDLED_PARAMS:
             continue
         item = _item(prompt, key)
-        if key not in tables.PARAM_TYPES:
-            notes.not_applied(item, tables.UNKNOWN_PARAM_REASON)
-        elif value is None or value is False:
+        if key in tables.PARAM_TYPES and (value is None or value is False):
             notes.applied(item, OFF if value is False else UNSET)
-        elif key in tables.HIRES_PARAMS:
-            notes.not_applied(item, tables.HIRES_REASON)
-        elif key in tables.URL_PARAMS:
-            notes.not_applied(item, tables.URL_REASON)
-        elif key in tables.ASPECT_PARAMS:
-            notes.not_applied(item, tables.ASPECT_REASON)
         else:
-            notes.not_applied(item, tables.REMOTE_ONLY_REASON)
+            notes.not_applied(item, _not_applied_reason(key, _PARAM_REASONS, tables.PARAM_TYPES,
+                                                        tables.UNKNOWN_PARAM_REASON))
 
 
 def _flags(prompt: AstriaPrompt, notes: _Notes) -> None:
@@ -395,14 +402,9 @@ def _flags(prompt: AstriaPrompt, notes: _Notes) -> None:
         item = format_flag(name, value)
         if name == "only_upscale":
             notes.applied(item, "an only-upscale run, as this node does")
-        elif name in tables.CONTROL_NET_FLAGS:
-            continue  # decided with the ControlNet items
-        elif name in tables.HIRES_FLAGS:
-            notes.not_applied(item, tables.HIRES_REASON)
-        elif name in tables.FLAG_KINDS:
-            notes.not_applied(item, tables.REMOTE_ONLY_REASON)
-        else:
-            notes.not_applied(item, tables.UNKNOWN_FLAG_REASON)
+        elif name not in tables.CONTROL_NET_FLAGS:  # those are decided with the ControlNet items
+            notes.not_applied(item, _not_applied_reason(name, _FLAG_REASONS, tables.FLAG_KINDS,
+                                                        tables.UNKNOWN_FLAG_REASON))
     if not prompt.has_flag("only_upscale"):
         notes.notices.append("the prompt has no --only_upscale; this node runs it as an only-upscale anyway")
 

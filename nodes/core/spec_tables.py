@@ -6,17 +6,60 @@ The spec they implement: docs/astria-syntax.md (sections 3-5 the grammar's table
 
 from __future__ import annotations
 
-# Astria's docs' upscale example (use-cases/upscale.md), as pasted from the gallery: the nodes' default text and
-# the example workflows' prompt.
-DOCS_UPSCALE_EXAMPLE = """masterpiece, best quality, highres, <lora:more_details:0.5> <lora:SDXLrender_v2.0:1> --only_upscale
+# Astria's docs' upscale example (use-cases/upscale.md), every line as the page shows it: the one source of the
+# example block; the nodes' default text and every test or bench variant is derived from it by docs_example().
+DOCS_UPSCALE_BLOCK = """\
+masterpiece, best quality, highres, <lora:more_details:0.5> <lora:SDXLrender_v2.0:1> --only_upscale
 num_images=1
 negative_prompt=(worst quality, low quality, normal quality:2) JuggernautNegative-neg
 seed=
 steps=16
 cfg_scale=6.0
+controlnet=
+input_image_url=https://sdbooth2-production.s3.amazonaws.com/cvrx6g5wx5tbiuz9ivoah1j19why
+mask_image_url=
 denoising_strength=0.1
+controlnet_conditioning_scale=
+controlnet_txt2img=false
+super_resolution=false
+inpaint_faces=false
+face_correct=false
+film_grain=false
+face_swap=false
+hires_fix=false
+backend_version=1
+prompt_expansion=undefined
+ar=1:1
 scheduler=euler_a
-use_lpw=false"""
+color_grading=
+use_lpw=false
+w=
+h=
+"""
+# The lines of the block a pasted prompt needs for the docs' result; the rest are Astria's unset or off defaults.
+DOCS_EXAMPLE_KEYS = ("num_images", "negative_prompt", "seed", "steps", "cfg_scale", "denoising_strength", "scheduler",
+                     "use_lpw")
+
+
+def docs_example(*, verbatim: bool = False, text: str | None = None, **values: str | None) -> str:
+    """The docs' upscale block: its DOCS_EXAMPLE_KEYS lines (or every line, `verbatim`), with line 1 replaced by
+    `text` and each param in `values` set (None drops its line; a key the block lacks is added at the end)."""
+    first, *params = DOCS_UPSCALE_BLOCK.rstrip("\n").split("\n")
+    lines = [text if text is not None else first]
+    for line in params:
+        key = line.partition("=")[0]
+        if key in values:
+            value = values.pop(key)
+            if value is not None:
+                lines.append(f"{key}={value}")
+        elif verbatim or key in DOCS_EXAMPLE_KEYS:
+            lines.append(line)
+    lines += [f"{key}={value}" for key, value in values.items() if value is not None]
+    return "\n".join(lines)
+
+
+# The nodes' default text and the example workflows' prompt.
+DOCS_UPSCALE_EXAMPLE = docs_example()
 
 # Flag kinds (docs/astria-syntax.md section 4).
 BOOLEAN = "boolean"  # `--name` alone; text after it stays prompt text
@@ -79,8 +122,10 @@ FLAG_VALUE_TYPES: dict[str, str] = {
     "video_model": "string",
 }
 
-# Tiled-upscale defaults named by Astria's docs (features/tiled-upscale.md).
-FLAG_DEFAULTS: dict[str, float] = {"hires_cfg_scale": 5.5, "resemblance": 0.65}
+# Tiled-upscale defaults named by Astria's docs (features/tiled-upscale.md). The resemblance default is also the
+# only-upscale nodes' tile ControlNet strength.
+DEFAULT_RESEMBLANCE = 0.65
+FLAG_DEFAULTS: dict[str, float] = {"hires_cfg_scale": 5.5, "resemblance": DEFAULT_RESEMBLANCE}
 
 # Parameter types (docs/astria-syntax.md section 5). Keys not listed are strings.
 INT_PARAMS = ("num_images", "seed", "steps", "w", "h", "backend_version")
@@ -146,9 +191,9 @@ SCHEDULER_MAP: dict[str, tuple[str, str]] = {
 }
 REMOTE_ONLY_SCHEDULERS = ("tcd",)
 
-# docs/astria-syntax.md section 7: what a local only-upscale run does with each item. "remote" items are sent as written by the remote
-# node and reported locally; the settings module decides the connection-dependent ones (super_resolution,
-# ControlNet items) at run time.
+# docs/astria-syntax.md section 7: what a local only-upscale run does with each item. "remote" items are sent as
+# written by the remote node and reported locally; the settings module decides the connection-dependent ones
+# (super_resolution, ControlNet items) at run time.
 REMOTE_ONLY_REASON = "remote only: Astria runs it; the remote node sends it as written"
 HIRES_REASON = "belongs to Astria's generate-then-upscale pipelines (--tiled_upscale), not to --only_upscale"
 URL_REASON = "never fetched locally: the node's IMAGE input is the image (the remote node sends the URL)"

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .cancel import check_cancel
+
 DEFAULT_TILE_ELEMENTS = 128 * 512 * 512
 """Per-tile budget in activation elements (channels x height x width): a 512 px tile at the 128-channel layers.
 Tiles this size keep conv efficiency at the untiled level while the 1-px halo costs under 1%."""
@@ -48,10 +50,6 @@ _FP16_SAFE = 60000.0  # float16 tops out at 65504; keep margin so later sums in 
 
 class UnsupportedVAE(Exception):
     """The VAE is not an AutoencoderKL shape this module knows; use the host's own tiled encode/decode."""
-
-
-class TiledVAECancelled(Exception):
-    """Raised when `should_cancel()` answers True between tiles."""
 
 
 class SpillStore:
@@ -144,9 +142,7 @@ class _Settings:
         return buffer[:size].view(shape)
 
     def tick(self) -> None:
-        """Before a tile: stop here if the caller cancelled."""
-        if self.should_cancel is not None and self.should_cancel():
-            raise TiledVAECancelled("Tiled VAE was cancelled.")
+        check_cancel(self.should_cancel, "Tiled VAE")
 
     def advance(self) -> None:
         """After a tile: progress, and a spilled run's touched pages back to the kernel now and then."""

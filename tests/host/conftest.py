@@ -72,11 +72,19 @@ def sd15_pixel(comfy_host):
     return loader.load_checkpoint("tiny_sd15_pixel.safetensors")[:3]
 
 
+def widget_defaults(cls):
+    """The defaults of a node's required widgets, as the frontend writes them into a new node's workflow entry."""
+    required = cls.INPUT_TYPES().get("required", {})
+    return {name: spec[1]["default"] for name, spec in required.items()
+            if len(spec) > 1 and isinstance(spec[1], dict) and "default" in spec[1]}
+
+
 def run_node(comfy_host, node_id, hidden=None, **inputs):
-    """Run one of the pack's V3 nodes the way ComfyUI's executor does; returns its outputs as a tuple."""
+    """Run one of the pack's V3 nodes the way ComfyUI's executor runs a node added in the UI: every required
+    widget the test does not set has its schema default; optional inputs not given stay absent."""
     cls = comfy_host.nodes.NODE_CLASS_MAPPINGS[node_id]
     clone = cls.PREPARE_CLASS_CLONE(hidden or {})
-    result = getattr(clone, clone.FUNCTION)(**inputs)
+    result = getattr(clone, clone.FUNCTION)(**{**widget_defaults(cls), **inputs})
     if asyncio.iscoroutine(result):
         result = asyncio.run(result)
     return tuple(result.result)

@@ -1,17 +1,11 @@
 """Astria Prompt and Astria Settings inside ComfyUI: the docs' example block, errors, the settings outputs."""
 import pytest
 
+from comfyui_astria.nodes.core.spec_tables import docs_example
+
 from .conftest import run_node
 
-DOCS_EXAMPLE = """masterpiece, best quality, highres, <lora:more_details:0.5> <lora:SDXLrender_v2.0:1> --only_upscale
-num_images=1
-negative_prompt=(worst quality, low quality, normal quality:2) JuggernautNegative-neg
-seed=
-steps=16
-cfg_scale=6.0
-denoising_strength=0.1
-scheduler=euler_a
-use_lpw=true"""
+DOCS_EXAMPLE = docs_example(use_lpw="true")  # weighted: the summary and outputs show A1111 weighting
 
 
 def test_prompt_node_parses_the_docs_example(comfy_host):

@@ -21,6 +21,7 @@ import comfy.cli_args
 comfy.cli_args.args.cpu = paths.HOST_ON_CPU  # before comfy.model_management is imported
 
 from comfyui_astria.nodes.core import tiled_vae  # noqa: E402
+from comfyui_astria.nodes.core.cancel import Cancelled  # noqa: E402
 from comfyui_astria.tests.support.random_vae import random_vae  # noqa: E402
 
 SMALL = {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1}
@@ -77,7 +78,7 @@ def test_progress_counts_every_tile_and_cancel_stops_between_tiles():
     tiled_vae.tiled_decode(vae, latent, tile_size=16, progress=lambda done, total: seen.append((done, total)))
     assert len(seen) > 10 and seen[-1][0] == seen[-1][1] == len(seen)
     asked = []
-    with pytest.raises(tiled_vae.TiledVAECancelled):
+    with pytest.raises(Cancelled):
         tiled_vae.tiled_decode(vae, latent, tile_size=16, should_cancel=lambda: asked.append(1) or len(asked) > 5)
     assert len(asked) == 6
 

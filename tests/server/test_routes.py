@@ -7,13 +7,9 @@ from comfyui_astria.nodes.core import spec_tables
 from comfyui_astria.tests.support import paths
 
 DEMO_LORA = "tiny_sd15_lora.safetensors"
-EXAMPLE = """masterpiece, best quality, <lora:more_details:0.5> <lora:SDXLrender_v2.0:1> --only_upscale
-negative_prompt=(worst quality:2)
-seed=
-steps=16
-cfg_scale=6.0
-denoising_strength=0.1
-scheduler=euler_a"""
+EXAMPLE = spec_tables.docs_example(
+    text="masterpiece, best quality, <lora:more_details:0.5> <lora:SDXLrender_v2.0:1> --only_upscale",
+    num_images=None, negative_prompt="(worst quality:2)", use_lpw=None)
 
 
 def write_aliases(server, aliases):

@@ -9,7 +9,6 @@ from comfyui_astria.nodes.core.loras import (
     LoraAmbiguousError,
     LoraNotFoundError,
     LoraResolutionError,
-    check_aliases,
     default_alias_file_text,
     parse_alias_file,
     plan_loras,
@@ -314,27 +313,27 @@ def test_alias_written_twice_is_an_error():
         parse_alias_file('{\n "a": "x.safetensors",\n "a": "y.safetensors"\n}', "a.json")
 
 
-def test_check_aliases_reports_missing_targets_with_line_and_suggestions():
+def test_broken_aliases_are_refused_with_their_line_and_the_fix():
     text = (
         '{\n  "good": "people/my_face.safetensors",\n  "gone": "detail/more_detail.safetensors",\n'
         '  "twin": "same",\n  "old": "old/legacy.ckpt"\n}'
     )
     table = parse_alias_file(text, "/u/lora_aliases.json")
-    problems = check_aliases(table, AVAILABLE)
-    assert len(problems) == 3
-    gone, twin, old = problems
-    assert gone.startswith("Alias 'gone' in /u/lora_aliases.json line 3 points at 'detail/more_detail.safetensors'")
-    assert "not in the loras folder" in gone and "Closest names: detail/more_details.safetensors" in gone
-    assert twin == (
+    assert resolve("good", AVAILABLE, table).filename == "people/my_face.safetensors"
+    with pytest.raises(LoraResolutionError) as gone:
+        resolve("gone", AVAILABLE, table)
+    assert str(gone.value).startswith(
+        "Alias 'gone' in /u/lora_aliases.json line 3 points at 'detail/more_detail.safetensors'")
+    assert "not in the loras folder" in str(gone.value)
+    assert "Closest names: detail/more_details.safetensors" in str(gone.value)
+    with pytest.raises(LoraResolutionError) as twin:
+        resolve("twin", AVAILABLE, table)
+    assert str(twin.value) == (
         "Alias 'twin' in /u/lora_aliases.json line 4 points at 'same', which matches several files: "
         "twins/a/same.safetensors, twins/b/same.safetensors. Write the full relative path of one of them in the alias."
     )
-    assert "line 5" in old and "pickle" in old
-
-
-def test_check_aliases_on_a_plain_dict_names_the_given_file():
-    problems = check_aliases({"x": "nowhere"}, AVAILABLE, alias_file="my.json")
-    assert problems and problems[0].startswith("Alias 'x' in my.json points at 'nowhere'")
+    with pytest.raises(LoraResolutionError, match=r"line 5.*pickle|pickle.*line 5"):
+        resolve("old", AVAILABLE, table)
 
 
 def test_resolve_through_a_broken_alias_raises_not_found():

@@ -10,35 +10,8 @@ from hypothesis import strategies as st
 from comfyui_astria.nodes.core import spec_tables
 from comfyui_astria.nodes.core.syntax import AstriaPrompt, AstriaSyntaxError, FrozenMap, format_prompt, parse_prompt
 
-# Astria's docs, use-cases/upscale.md (also the block in docs/astria-syntax.md section 1).
-UPSCALE_EXAMPLE = """\
-masterpiece, best quality, highres, <lora:more_details:0.5> <lora:SDXLrender_v2.0:1> --only_upscale
-num_images=1
-negative_prompt=(worst quality, low quality, normal quality:2) JuggernautNegative-neg
-seed=
-steps=16
-cfg_scale=6.0
-controlnet=
-input_image_url=https://sdbooth2-production.s3.amazonaws.com/cvrx6g5wx5tbiuz9ivoah1j19why
-mask_image_url=
-denoising_strength=0.1
-controlnet_conditioning_scale=
-controlnet_txt2img=false
-super_resolution=false
-inpaint_faces=false
-face_correct=false
-film_grain=false
-face_swap=false
-hires_fix=false
-backend_version=1
-prompt_expansion=undefined
-ar=1:1
-scheduler=euler_a
-color_grading=
-use_lpw=false
-w=
-h=
-"""
+# Astria's docs, use-cases/upscale.md, every line as the page shows it (also docs/astria-syntax.md section 1).
+UPSCALE_EXAMPLE = spec_tables.DOCS_UPSCALE_BLOCK
 
 
 def error_of(text):

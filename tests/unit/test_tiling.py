@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from comfyui_astria.nodes.core import multidiffusion as md
+from comfyui_astria.nodes.core.cancel import Cancelled
 from comfyui_astria.nodes.core.tiling import Tile, latent_tile_plan, tile_plan
 
 
@@ -126,7 +127,7 @@ def test_progress_per_tile_and_cancel_between_batches():
         asked.append(1)
         return len(asked) > 2
 
-    with pytest.raises(md.TilingCancelled):
+    with pytest.raises(Cancelled):
         md.multidiffusion(x, plan, lambda c, t: c, tile_batch_size=1, should_cancel=cancel_after_two)
     assert len(asked) == 3
 

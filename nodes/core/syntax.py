@@ -176,13 +176,13 @@ def parse_prompt(text: str) -> AstriaPrompt:
                     f"and _ only); write {meant} for the parameter"
                 )
         prompt_parts.append(_extract_flags(line, line_number, flags, flag_lines, warnings))
-        spaced += [(f"line {line_number}", found.written, found.meant) for found in spaced_weights(line)]
+        spaced += [(f"line {line_number}", found.written, found.meant) for found in spaced_weights(line, MAX_WARNINGS)]
     _warn_repeated_tags(loras, "LoRA", warnings)
     _warn_repeated_tags(faceids, "faceid", warnings)
 
     negative, params = _parse_params(lines, first_param_line, warnings)
     if params.get("use_lpw") is not False:  # with use_lpw=false every bracket is text anyway
-        spaced += [("negative_prompt", found.written, found.meant) for found in spaced_weights(negative)]
+        spaced += [("negative_prompt", found.written, found.meant) for found in spaced_weights(negative, MAX_WARNINGS)]
         for where, written, meant in spaced:
             warnings.add(f"{where}: {_show(written)} is read as text at weight 1.1, as Astria's weighted prompts do "
                          f"(diffusers' long-prompt-weighting parser); write {_show(meant)} for a weight")

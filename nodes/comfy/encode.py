@@ -221,7 +221,7 @@ def encode_prompt(clip, prompt, weighting):
     encoders = clip_encoders(clip)
     notes = [f"weighting {weighting}"]
     if encoders is None and weighting in ("a1111", "lpw"):
-        notes.append(f"{type(clip.cond_stage_model).__name__} is not a CLIP-L/CLIP-G text encoder: A1111 weights "
+        notes.append(f"{type(clip.cond_stage_model).__name__} is not a CLIP-L/CLIP-G text encoder: prompt weights "
                      "have no meaning there, so the text is encoded without them (brackets and weights dropped)")
     if encoders is None:
         notes.append("bare embedding names are looked up only for SD1.x and SDXL text encoders")
@@ -252,7 +252,7 @@ class AstriaEncode(io.ComfyNode):
         return node_schema(
             cls, "AstriaEncode", "Astria Encode",
             inputs=[
-                io.Clip.Input("clip", tooltip="The text encoder (SD1.x or SDXL get A1111 weighting; others the "
+                io.Clip.Input("clip", tooltip="The text encoder (SD1.x or SDXL get prompt weighting; others the "
                                               "plain text)."),
                 AstriaPromptType.Input("astria_prompt", tooltip="The parsed prompt from Astria Prompt."),
                 io.Combo.Input("weighting", options=WEIGHTING_CHOICES, default=FROM_PROMPT,

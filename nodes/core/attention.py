@@ -34,6 +34,7 @@ _DELIMITER = re.compile(r"(\\[()\[\]\\]?|[(\[]|:[+-]?[.\d]+\)|[)\]]|:)")
 _BREAK_WORD = re.compile(r"\bBREAK\b")
 # Escapes, round brackets and the `:N)` that A1111 1.6 and ComfyUI also read with spaces around N (`(dog: 1.2)`):
 # the tokens `spaced_weights` follows.
+_SPACED_SHOWN = 40  # characters of a group shown before its spaced weight
 _ROUND_TOKEN = re.compile(r"\\[()\[\]\\]?|\(|:\s*[+-]?[.\d]+\s*\)|\)")
 
 
@@ -359,15 +360,15 @@ class SpacedWeight(NamedTuple):
     """`(dog: 1.2)`: a weight with a space before or after it, which our parser (and Astria's) reads as text."""
 
     offset: int
-    written: str  # from the round bracket to the closing one, as written
+    written: str  # from the round bracket to the closing one, as written (a long group: its start ... its end)
     meant: str  # the same without the spaces, which is read as a weight
 
 
-def spaced_weights(text: str) -> list[SpacedWeight]:
+def spaced_weights(text: str, limit: int | None = None) -> list[SpacedWeight]:
     """Round groups whose weight has spaces around it: text at 1.1 here, as in pre-1.6 A1111 and diffusers' LPW.
 
     Current A1111 (`:\\s*([+-]?[.\\d]+)\\s*\\)`) and ComfyUI read them as weights; this parser keeps the older
-    rule, which Astria's weighted prompts (diffusers' long-prompt-weighting pipelines) follow.
+    rule, which Astria's weighted prompts (diffusers' long-prompt-weighting pipelines) follow. At most `limit`.
     """
     found = []
     opened: list[int] = []
@@ -380,9 +381,14 @@ def spaced_weights(text: str) -> list[SpacedWeight]:
         else:
             start = opened.pop()
             if token[0] == ":" and token != re.sub(r"\s", "", token):
-                written = text[start:match.end()]
-                meant = written[:match.start() - start] + re.sub(r"\s", "", token)
-                found.append(SpacedWeight(start, written, meant))
+                # A long group is shown by its start and its end: a copy of every nested group would be quadratic.
+                before = text[start:match.start()]
+                if len(before) > _SPACED_SHOWN:
+                    before = text[start:start + _SPACED_SHOWN // 2] + "..." + \
+                        text[match.start() - _SPACED_SHOWN // 2:match.start()]
+                found.append(SpacedWeight(start, before + token, before + re.sub(r"\s", "", token)))
+                if len(found) == limit:
+                    break
     return found
 
 

@@ -222,16 +222,16 @@ def parse_prompt(text: str) -> AstriaPrompt:
                     f"and _ only); write {meant} for the parameter"
                 )
         prompt_parts.append(_extract_flags(line, line_number, flags, flag_lines, warnings))
-        spaced += [(f"line {line_number}", found.written, found.meant) for found in spaced_weights(line)]
+        spaced += [(f"line {line_number}", found.written, found.meant) for found in spaced_weights(line, MAX_WARNINGS)]
     _warn_repeated_tags(loras, "LoRA", warnings)
     _warn_repeated_tags(faceids, "faceid", warnings)
 
     negative, params = _parse_params(lines, first_param_line, warnings)
     if params.get("use_lpw") is not False:  # with use_lpw=false every bracket is text anyway
-        spaced += [("negative_prompt", found.written, found.meant) for found in spaced_weights(negative)]
+        spaced += [("negative_prompt", found.written, found.meant) for found in spaced_weights(negative, MAX_WARNINGS)]
         for where, written, meant in spaced:
-            warnings.add(f"{where}: {_show(written)} is read as text at weight 1.1, as Astria's weighted prompts do "
-                         f"(diffusers' long-prompt-weighting parser); write {_show(meant)} for a weight")
+            warnings.add(f"{where}: {_show_group(written)} is read as text at weight 1.1, as Astria's weighted "
+                         f"prompts do (diffusers' long-prompt-weighting parser); write {_show_group(meant)} for a weight")
     return AstriaPrompt(
         positive=_tidy(" ".join(prompt_parts)),
         negative_prompt=negative,
@@ -310,6 +310,11 @@ def _show(value: str) -> str:
     if len(value) > _SHOWN_VALUE_CHARS:
         value = value[:_SHOWN_VALUE_CHARS] + "..."
     return value if value.isprintable() and value.strip() == value and value else repr(value)
+
+
+def _show_group(group: str) -> str:
+    """A bracket group for a message: as written (attention.spaced_weights already shortened it), unless huge."""
+    return group if len(group) <= 2 * _SHOWN_VALUE_CHARS else _show(group)
 
 
 def _tidy(text: str) -> str:

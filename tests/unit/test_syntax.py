@@ -830,3 +830,12 @@ def test_no_weight_space_note_without_an_open_bracket_or_with_use_lpw_false():
     negative = parse_prompt("a cat\nnegative_prompt=(ugly: 1.4)")
     assert negative.warnings == ("negative_prompt: (ugly: 1.4) is read as text at weight 1.1, as Astria's weighted "
                                  "prompts do (diffusers' long-prompt-weighting parser); write (ugly:1.4) for a weight",)
+
+
+def test_a_long_group_with_a_spaced_weight_is_shown_by_its_start_and_end():
+    (warning,) = parse_prompt("(" + "word " * 30 + ": 1.2)").warnings
+    assert warning == ("line 1: (word word word word...word word word word : 1.2) is read as text at weight 1.1, as "
+                       "Astria's weighted prompts do (diffusers' long-prompt-weighting parser); write (word word "
+                       "word word...word word word word :1.2) for a weight")
+    many = parse_prompt("(" * 1000 + ": 1)" * 1000).warnings
+    assert len(many) == 50  # collected up to the warnings' limit, not one per nested group

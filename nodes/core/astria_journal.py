@@ -112,6 +112,7 @@ class JobJournal:
         self._compact_after_events = compact_after_events
         self._on_compaction_step = on_compaction_step  # tests: called after each step of COMPACTION_STEPS
         self._attempts: dict[str, Attempt] = {}  # attempt id -> state
+        self._snapshot_rows: dict[str, list] = {}  # attempt id -> snapshot row, until an Attempt is asked for
         self._latest_by_key: dict[str, str] = {}  # job key -> latest attempt id
         self._prompt_owner: dict[int, str] = {}  # prompt id -> job key that created or refused it
         self._seeds_by_group: dict[str, set[tuple[str, int]]] = {}  # group -> {(attempt id, seed)}
@@ -120,7 +121,7 @@ class JobJournal:
             self._load()
 
     def __repr__(self) -> str:
-        return f"JobJournal(path={str(self.path)!r}, attempts={len(self._attempts)})"
+        return f"JobJournal(path={str(self.path)!r}, attempts={len(self._attempts) + len(self._snapshot_rows)})"
 
     # ---- reading -------------------------------------------------------------------------------------------
     def _load(self) -> None:
@@ -151,34 +152,51 @@ class JobJournal:
                 self._compact()
 
     def _apply_snapshot(self, line: Mapping[str, Any]) -> None:
-        for key, attempt_id, group, seed, state, prompt_id, intent_wall, error, latest, seeds in line.get(
-                "attempts", ()):
-            self._attempts[attempt_id] = Attempt(key=key, attempt=attempt_id, group=group, seed=int(seed),
-                                                 state=state, prompt_id=prompt_id, intent_wall=intent_wall,
-                                                 error=error)
-            if latest:
-                self._latest_by_key[key] = attempt_id
-            if seeds:
-                self._seeds_by_group.setdefault(group, set()).update((attempt_id, int(s)) for s in seeds)
-        for prompt_id, key in line.get("owners", ()):
-            self._prompt_owner[int(prompt_id)] = key
+        """Load one snapshot line in bulk (dictionary and set updates; attempts become objects when asked for)."""
+        rows = line.get("attempts", ())
+        self._snapshot_rows.update(zip((row[1] for row in rows), rows))
+        self._latest_by_key.update(line.get("latest", ()))
+        for group, pairs in line.get("seeds", {}).items():
+            self._seeds_by_group.setdefault(group, set()).update(map(tuple, pairs))
+        self._prompt_owner.update(line.get("owners", ()))
+
+    def _attempt(self, attempt_id: str) -> Optional[Attempt]:
+        """The attempt of this id, made from its snapshot row on first use; None when the journal has none."""
+        attempt = self._attempts.get(attempt_id)
+        if attempt is None and attempt_id in self._snapshot_rows:
+            key, _id, group, seed, state, prompt_id, intent_wall, error = self._snapshot_rows.pop(attempt_id)
+            attempt = Attempt(key=key, attempt=attempt_id, group=group, seed=int(seed), state=state,
+                              prompt_id=prompt_id, intent_wall=intent_wall, error=error)
+            self._attempts[attempt_id] = attempt
+        return attempt
 
     def _snapshot_lines(self) -> list[str]:
         """The journal's whole state as snapshot lines: what a load of them rebuilds equals this view."""
-        seeds: dict[str, list[int]] = {}
-        for pairs in self._seeds_by_group.values():
-            for attempt_id, seed in pairs:
-                seeds.setdefault(attempt_id, []).append(seed)
-        latest = set(self._latest_by_key.values())
-        rows = [[a.key, a.attempt, a.group, a.seed, a.state, a.prompt_id, a.intent_wall, a.error,
-                 a.attempt in latest, sorted(seeds.get(a.attempt, ()))]
-                for a in self._attempts.values() if a.attempt in latest or a.attempt in seeds]
-        owners = [[prompt_id, key] for prompt_id, key in self._prompt_owner.items()]
+        seeded = {attempt_id for pairs in self._seeds_by_group.values() for attempt_id, _seed in pairs}
+        kept = set(self._latest_by_key.values()) | seeded
+        rows = [row for attempt_id, row in self._snapshot_rows.items() if attempt_id in kept]
+        rows += [[a.key, a.attempt, a.group, a.seed, a.state, a.prompt_id, a.intent_wall, a.error]
+                 for a in self._attempts.values() if a.attempt in kept]
+        sections = {
+            "attempts": rows,
+            "latest": [[key, attempt_id] for key, attempt_id in self._latest_by_key.items()],
+            "owners": [[prompt_id, key] for prompt_id, key in self._prompt_owner.items()],
+        }
         lines = []
-        for name, items in (("attempts", rows), ("owners", owners)):
+        for name, items in sections.items():
             for start in range(0, len(items), SNAPSHOT_ROWS_PER_LINE):
                 lines.append(json.dumps({"v": SNAPSHOT_VERSION, "event": SNAPSHOT_EVENT,
                                          name: items[start:start + SNAPSHOT_ROWS_PER_LINE]}))
+        groups, size = {}, 0
+        for group, pairs in self._seeds_by_group.items():
+            if pairs:
+                groups[group] = sorted(pairs)
+                size += len(pairs)
+            if size >= SNAPSHOT_ROWS_PER_LINE:
+                lines.append(json.dumps({"v": SNAPSHOT_VERSION, "event": SNAPSHOT_EVENT, "seeds": groups}))
+                groups, size = {}, 0
+        if groups:
+            lines.append(json.dumps({"v": SNAPSHOT_VERSION, "event": SNAPSHOT_EVENT, "seeds": groups}))
         return lines
 
     def _compact(self) -> None:
@@ -210,7 +228,7 @@ class JobJournal:
         key = event["key"]
         if kind == "intent":
             seed = int(event["seed"])
-            attempt = self._attempts.get(attempt_id)
+            attempt = self._attempt(attempt_id)
             if attempt is None:
                 attempt = Attempt(key=key, attempt=attempt_id, group=event["group"], seed=seed, state="intent")
                 self._attempts[attempt_id] = attempt
@@ -219,7 +237,9 @@ class JobJournal:
             self._latest_by_key[key] = attempt_id
             self._seeds_by_group.setdefault(attempt.group, set()).add((attempt_id, seed))
             return
-        attempt = self._attempts[attempt_id]
+        attempt = self._attempt(attempt_id)
+        if attempt is None:
+            raise KeyError(attempt_id)
         prompt_id = event.get("prompt_id")
         if prompt_id is not None:
             self._prompt_owner[int(prompt_id)] = key
@@ -240,7 +260,7 @@ class JobJournal:
     def latest_attempt(self, key: str) -> Optional[Attempt]:
         """Return the newest attempt recorded for a job key, or None when the job was never sent."""
         attempt_id = self._latest_by_key.get(key)
-        return self._attempts.get(attempt_id) if attempt_id else None
+        return self._attempt(attempt_id) if attempt_id else None
 
     def prompt_owner(self, prompt_id: int) -> Optional[str]:
         """Return the job key that holds (or refused) this prompt id, or None when the journal never saw it."""

@@ -152,10 +152,20 @@ class JobJournal:
                 self._compact()
 
     def _apply_snapshot(self, line: Mapping[str, Any]) -> None:
-        """Load one snapshot line in bulk (dictionary and set updates; attempts become objects when asked for)."""
+        """Load one snapshot line in bulk (attempts become objects when asked for).
+
+        `attempts` rows come superseded first, so the last row of a key is its newest attempt; each row's own seed
+        is taken in its group and its prompt id owned by its key unless `freed` / listed otherwise; `seeds` adds
+        the other seeds an attempt sent, `owners` the prompts held without a row (refused ones)."""
         rows = line.get("attempts", ())
         self._snapshot_rows.update(zip((row[1] for row in rows), rows))
-        self._latest_by_key.update(line.get("latest", ()))
+        self._latest_by_key.update((row[0], row[1]) for row in rows)
+        for key, attempt_id, group, seed, _state, prompt_id, _wall, _error in rows:
+            self._seeds_by_group.setdefault(group, set()).add((attempt_id, seed))
+            if prompt_id is not None:
+                self._prompt_owner[prompt_id] = key
+        for group, attempt_id, seed in line.get("freed", ()):
+            self._seeds_by_group[group].discard((attempt_id, seed))
         for group, pairs in line.get("seeds", {}).items():
             self._seeds_by_group.setdefault(group, set()).update(map(tuple, pairs))
         self._prompt_owner.update(line.get("owners", ()))
@@ -173,30 +183,28 @@ class JobJournal:
     def _snapshot_lines(self) -> list[str]:
         """The journal's whole state as snapshot lines: what a load of them rebuilds equals this view."""
         seeded = {attempt_id for pairs in self._seeds_by_group.values() for attempt_id, _seed in pairs}
-        kept = set(self._latest_by_key.values()) | seeded
-        rows = [row for attempt_id, row in self._snapshot_rows.items() if attempt_id in kept]
+        latest = set(self._latest_by_key.values())
+        rows = [row for attempt_id, row in self._snapshot_rows.items() if attempt_id in seeded or attempt_id in latest]
         rows += [[a.key, a.attempt, a.group, a.seed, a.state, a.prompt_id, a.intent_wall, a.error]
-                 for a in self._attempts.values() if a.attempt in kept]
-        sections = {
-            "attempts": rows,
-            "latest": [[key, attempt_id] for key, attempt_id in self._latest_by_key.items()],
-            "owners": [[prompt_id, key] for prompt_id, key in self._prompt_owner.items()],
-        }
+                 for a in self._attempts.values() if a.attempt in seeded or a.attempt in latest]
+        rows.sort(key=lambda row: row[1] in latest)  # superseded first: a key's last row is its newest attempt
+        own = {(row[1], row[3]) for row in rows}
+        freed = [[row[2], row[1], row[3]] for row in rows if (row[1], row[3]) not in self._seeds_by_group.get(row[2], ())]
+        owned_by_rows = {row[5]: row[0] for row in rows if row[5] is not None}
+        owners = [[prompt_id, key] for prompt_id, key in self._prompt_owner.items()
+                  if owned_by_rows.get(prompt_id) != key]
+        extra_seeds = {}
+        for group, pairs in self._seeds_by_group.items():
+            extra = sorted(pair for pair in pairs if pair not in own)
+            if extra:
+                extra_seeds[group] = extra
         lines = []
-        for name, items in sections.items():
+        for name, items in (("attempts", rows), ("freed", freed), ("owners", owners)):
             for start in range(0, len(items), SNAPSHOT_ROWS_PER_LINE):
                 lines.append(json.dumps({"v": SNAPSHOT_VERSION, "event": SNAPSHOT_EVENT,
                                          name: items[start:start + SNAPSHOT_ROWS_PER_LINE]}))
-        groups, size = {}, 0
-        for group, pairs in self._seeds_by_group.items():
-            if pairs:
-                groups[group] = sorted(pairs)
-                size += len(pairs)
-            if size >= SNAPSHOT_ROWS_PER_LINE:
-                lines.append(json.dumps({"v": SNAPSHOT_VERSION, "event": SNAPSHOT_EVENT, "seeds": groups}))
-                groups, size = {}, 0
-        if groups:
-            lines.append(json.dumps({"v": SNAPSHOT_VERSION, "event": SNAPSHOT_EVENT, "seeds": groups}))
+        if extra_seeds:
+            lines.append(json.dumps({"v": SNAPSHOT_VERSION, "event": SNAPSHOT_EVENT, "seeds": extra_seeds}))
         return lines
 
     def _compact(self) -> None:

@@ -7,9 +7,9 @@ delivered or failed. Events: `intent` (written before every create, with the see
 held for another job), `delivered` and `failed`. The journal stores hashes, seeds and prompt ids, never prompt text
 or the API key.
 
-Compaction: when a load finds `COMPACT_AFTER_EVENTS` event lines or more, the file is rewritten as `snapshot` lines
-(one row per attempt that still matters: the newest of each job, and any other that holds a seed) followed by
-nothing; later events append after them. A snapshot keeps every seed ever sent per group and every prompt id
+Compaction: when a load finds `COMPACT_AFTER_EVENTS` event lines or more, the whole file is rewritten as a few
+`snapshot` lines (one row per attempt that still matters: the newest of each job, and any other that holds a
+seed); later events are appended after them as before. A snapshot keeps every seed ever sent per group and every prompt id
 claimed, so exactly-once holds across it. It is crash-safe: written to a side file, fsynced, renamed over the
 journal, directory fsynced; a kill before the rename leaves the old file (the side file is removed at the next
 load), after it the new one. Appends and compaction hold the same lock (a lock file beside the journal, locked

@@ -72,21 +72,27 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     embeddings = import_embeddings()
-    print(f"prompt: {len(PROMPT)} characters; find = 3 scans of it (split, prefix, warnings)")
-    print(f"{'files':>7} {'':<10} {'index s':>9} {'find s':>9} {'total s':>9}")
-    for count in args.files:
-        names = file_names(count)
-        rows = {}
-        for label, build in (("main", lambda: RegexIndex(embeddings, names)),
-                             ("now", lambda: embeddings.embedding_index(names))):
-            index_s, index = timed(build, args.repeat)
-            find_s, mentions = timed(lambda: [index.find(PROMPT) for _ in range(3)][-1], args.repeat)
-            rows[label] = (index_s, find_s, [tuple(m) for m in mentions])
-            print(f"{count:>7} {label:<10} {index_s:>9.4f} {find_s:>9.4f} {index_s + find_s:>9.4f}", flush=True)
-        same = rows["main"][2] == rows["now"][2]
-        ratio = (rows["main"][0] + rows["main"][1]) / (rows["now"][0] + rows["now"][1])
-        print(f"{count:>7} {'main/now':<10} {rows['main'][0] / rows['now'][0]:>8.1f}x "
-              f"{rows['main'][1] / rows['now'][1]:>8.1f}x {ratio:>8.1f}x  same mentions: {same}", flush=True)
+    for repeat_prompt in (1, 8):
+        prompt = ", ".join([PROMPT] * repeat_prompt)
+        print(f"prompt: {len(prompt)} characters; find = 3 scans of it (split, prefix, warnings)")
+        print(f"{'files':>7} {'':<10} {'index s':>9} {'find s':>9} {'total s':>9}")
+        for count in args.files:
+            compare(embeddings, file_names(count), prompt, args.repeat)
+
+
+def compare(embeddings, names, prompt, repeat):
+    """Print main's and the current index's times for one folder and prompt, and their ratios."""
+    rows = {}
+    for label, build in (("main", lambda: RegexIndex(embeddings, names)),
+                         ("now", lambda: embeddings.embedding_index(names))):
+        index_s, index = timed(build, repeat)
+        find_s, mentions = timed(lambda: [index.find(prompt) for _ in range(3)][-1], repeat)
+        rows[label] = (index_s, find_s, [tuple(m) for m in mentions])
+        print(f"{len(names):>7} {label:<10} {index_s:>9.4f} {find_s:>9.4f} {index_s + find_s:>9.4f}", flush=True)
+    same = rows["main"][2] == rows["now"][2]
+    ratio = (rows["main"][0] + rows["main"][1]) / (rows["now"][0] + rows["now"][1])
+    print(f"{len(names):>7} {'main/now':<10} {rows['main'][0] / rows['now'][0]:>8.1f}x "
+          f"{rows['main'][1] / rows['now'][1]:>8.1f}x {ratio:>8.1f}x  same mentions: {same}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""Tiled diffusion (MultiDiffusion) benchmark: UNet work amplification measured through the real sampling hook.
+"""Tiled diffusion (MultiDiffusion) benchmark: UNet work amplification measured through the real sampling wrapper.
 
-For each size, the hook that Astria Tiled Diffusion installs (`sampler_calc_cond_batch_function`) runs `steps`
-sampling steps with a stand-in for the host's `calc_cond_batch` that records the latent area of every model call;
+For each size, the wrapper that Astria Tiled Diffusion installs (`calc_cond_batch`) runs `steps` sampling steps
+with a stand-in for the host's executor (`_calc_cond_batch`) that records the latent area of every model call;
 amplification = sum of tile areas over all calls / (latent area x steps x conds). The floor is 1.0; target <= 1.15
 with the default settings. For comparison, the same measurement with TiledDiffusion's default tiling (96 latent px
 tiles, 8 overlap = 768 / 64 px) laid out by our planner. Never asserts; prints a table.
@@ -41,11 +41,11 @@ def measure(size_px, tile_px, overlap_px, steps, tile_batch_size):
     def plan_for(height, width):
         return tiling.latent_tile_plan(height, width, tile_px, overlap_px)
 
-    hook = multidiffusion.make_tiled_calc_cond_batch(plan_for, fake_calc, tile_batch_size)
+    wrapper = multidiffusion.make_tiled_calc_cond_batch_wrapper(plan_for, tile_batch_size)
     latent = torch.zeros(1, 4, size_px // 8, size_px // 8)
     conds = [[{"model_conds": {}}], [{"model_conds": {}}]]  # cond and uncond, as with cfg > 1
     for _ in range(steps):
-        hook({"conds": conds, "input": latent, "sigma": torch.ones(1), "model": None, "model_options": {}})
+        wrapper(fake_calc, None, conds, latent, torch.ones(1), {})
     work = sum(areas)
     ideal = latent.shape[-1] * latent.shape[-2] * steps * len(conds)
     return len(plan_for(*latent.shape[-2:])), len(areas), work / ideal

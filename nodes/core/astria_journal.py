@@ -7,9 +7,9 @@ delivered or failed. Events: `intent` (written before every create, with the see
 held for another job), `delivered` and `failed`. The journal stores hashes, seeds and prompt ids, never prompt text
 or the API key.
 
-Compaction: when a load finds `COMPACT_AFTER_EVENTS` event lines or more, the file is rewritten as `snapshot` lines
-(one row per attempt that still matters: the newest of each job, and any other that holds a seed) followed by
-nothing; later events append after them. A snapshot keeps every seed ever sent per group and every prompt id
+Compaction: when a load finds `COMPACT_AFTER_EVENTS` event lines or more, the whole file is rewritten as a few
+`snapshot` lines (one row per attempt that still matters: the newest of each job, and any other that holds a
+seed); later events are appended after them as before. A snapshot keeps every seed ever sent per group and every prompt id
 claimed, so exactly-once holds across it. It is crash-safe: written to a side file, fsynced, renamed over the
 journal, directory fsynced; a kill before the rename leaves the old file (the side file is removed at the next
 load), after it the new one. Appends and compaction hold the same lock (a lock file beside the journal, locked
@@ -112,6 +112,7 @@ class JobJournal:
         self._compact_after_events = compact_after_events
         self._on_compaction_step = on_compaction_step  # tests: called after each step of COMPACTION_STEPS
         self._attempts: dict[str, Attempt] = {}  # attempt id -> state
+        self._snapshot_rows: dict[str, list] = {}  # attempt id -> snapshot row, until an Attempt is asked for
         self._latest_by_key: dict[str, str] = {}  # job key -> latest attempt id
         self._prompt_owner: dict[int, str] = {}  # prompt id -> job key that created or refused it
         self._seeds_by_group: dict[str, set[tuple[str, int]]] = {}  # group -> {(attempt id, seed)}
@@ -120,7 +121,7 @@ class JobJournal:
             self._load()
 
     def __repr__(self) -> str:
-        return f"JobJournal(path={str(self.path)!r}, attempts={len(self._attempts)})"
+        return f"JobJournal(path={str(self.path)!r}, attempts={len(self._attempts) + len(self._snapshot_rows)})"
 
     # ---- reading -------------------------------------------------------------------------------------------
     def _load(self) -> None:
@@ -151,34 +152,59 @@ class JobJournal:
                 self._compact()
 
     def _apply_snapshot(self, line: Mapping[str, Any]) -> None:
-        for key, attempt_id, group, seed, state, prompt_id, intent_wall, error, latest, seeds in line.get(
-                "attempts", ()):
-            self._attempts[attempt_id] = Attempt(key=key, attempt=attempt_id, group=group, seed=int(seed),
-                                                 state=state, prompt_id=prompt_id, intent_wall=intent_wall,
-                                                 error=error)
-            if latest:
-                self._latest_by_key[key] = attempt_id
-            if seeds:
-                self._seeds_by_group.setdefault(group, set()).update((attempt_id, int(s)) for s in seeds)
-        for prompt_id, key in line.get("owners", ()):
-            self._prompt_owner[int(prompt_id)] = key
+        """Load one snapshot line in bulk (attempts become objects when asked for).
+
+        `attempts` rows come superseded first, so the last row of a key is its newest attempt; each row's own seed
+        is taken in its group and its prompt id owned by its key unless `freed` / listed otherwise; `seeds` adds
+        the other seeds an attempt sent, `owners` the prompts held without a row (refused ones)."""
+        rows = line.get("attempts", ())
+        self._snapshot_rows.update(zip((row[1] for row in rows), rows))
+        self._latest_by_key.update((row[0], row[1]) for row in rows)
+        for key, attempt_id, group, seed, _state, prompt_id, _wall, _error in rows:
+            self._seeds_by_group.setdefault(group, set()).add((attempt_id, seed))
+            if prompt_id is not None:
+                self._prompt_owner[prompt_id] = key
+        for group, attempt_id, seed in line.get("freed", ()):
+            self._seeds_by_group[group].discard((attempt_id, seed))
+        for group, pairs in line.get("seeds", {}).items():
+            self._seeds_by_group.setdefault(group, set()).update(map(tuple, pairs))
+        self._prompt_owner.update(line.get("owners", ()))
+
+    def _attempt(self, attempt_id: str) -> Optional[Attempt]:
+        """The attempt of this id, made from its snapshot row on first use; None when the journal has none."""
+        attempt = self._attempts.get(attempt_id)
+        if attempt is None and attempt_id in self._snapshot_rows:
+            key, _id, group, seed, state, prompt_id, intent_wall, error = self._snapshot_rows.pop(attempt_id)
+            attempt = Attempt(key=key, attempt=attempt_id, group=group, seed=int(seed), state=state,
+                              prompt_id=prompt_id, intent_wall=intent_wall, error=error)
+            self._attempts[attempt_id] = attempt
+        return attempt
 
     def _snapshot_lines(self) -> list[str]:
         """The journal's whole state as snapshot lines: what a load of them rebuilds equals this view."""
-        seeds: dict[str, list[int]] = {}
-        for pairs in self._seeds_by_group.values():
-            for attempt_id, seed in pairs:
-                seeds.setdefault(attempt_id, []).append(seed)
+        seeded = {attempt_id for pairs in self._seeds_by_group.values() for attempt_id, _seed in pairs}
         latest = set(self._latest_by_key.values())
-        rows = [[a.key, a.attempt, a.group, a.seed, a.state, a.prompt_id, a.intent_wall, a.error,
-                 a.attempt in latest, sorted(seeds.get(a.attempt, ()))]
-                for a in self._attempts.values() if a.attempt in latest or a.attempt in seeds]
-        owners = [[prompt_id, key] for prompt_id, key in self._prompt_owner.items()]
+        rows = [row for attempt_id, row in self._snapshot_rows.items() if attempt_id in seeded or attempt_id in latest]
+        rows += [[a.key, a.attempt, a.group, a.seed, a.state, a.prompt_id, a.intent_wall, a.error]
+                 for a in self._attempts.values() if a.attempt in seeded or a.attempt in latest]
+        rows.sort(key=lambda row: row[1] in latest)  # superseded first: a key's last row is its newest attempt
+        own = {(row[1], row[3]) for row in rows}
+        freed = [[row[2], row[1], row[3]] for row in rows if (row[1], row[3]) not in self._seeds_by_group.get(row[2], ())]
+        owned_by_rows = {row[5]: row[0] for row in rows if row[5] is not None}
+        owners = [[prompt_id, key] for prompt_id, key in self._prompt_owner.items()
+                  if owned_by_rows.get(prompt_id) != key]
+        extra_seeds = {}
+        for group, pairs in self._seeds_by_group.items():
+            extra = sorted(pair for pair in pairs if pair not in own)
+            if extra:
+                extra_seeds[group] = extra
         lines = []
-        for name, items in (("attempts", rows), ("owners", owners)):
+        for name, items in (("attempts", rows), ("freed", freed), ("owners", owners)):
             for start in range(0, len(items), SNAPSHOT_ROWS_PER_LINE):
                 lines.append(json.dumps({"v": SNAPSHOT_VERSION, "event": SNAPSHOT_EVENT,
                                          name: items[start:start + SNAPSHOT_ROWS_PER_LINE]}))
+        if extra_seeds:
+            lines.append(json.dumps({"v": SNAPSHOT_VERSION, "event": SNAPSHOT_EVENT, "seeds": extra_seeds}))
         return lines
 
     def _compact(self) -> None:
@@ -210,7 +236,7 @@ class JobJournal:
         key = event["key"]
         if kind == "intent":
             seed = int(event["seed"])
-            attempt = self._attempts.get(attempt_id)
+            attempt = self._attempt(attempt_id)
             if attempt is None:
                 attempt = Attempt(key=key, attempt=attempt_id, group=event["group"], seed=seed, state="intent")
                 self._attempts[attempt_id] = attempt
@@ -219,7 +245,9 @@ class JobJournal:
             self._latest_by_key[key] = attempt_id
             self._seeds_by_group.setdefault(attempt.group, set()).add((attempt_id, seed))
             return
-        attempt = self._attempts[attempt_id]
+        attempt = self._attempt(attempt_id)
+        if attempt is None:
+            raise KeyError(attempt_id)
         prompt_id = event.get("prompt_id")
         if prompt_id is not None:
             self._prompt_owner[int(prompt_id)] = key
@@ -240,7 +268,7 @@ class JobJournal:
     def latest_attempt(self, key: str) -> Optional[Attempt]:
         """Return the newest attempt recorded for a job key, or None when the job was never sent."""
         attempt_id = self._latest_by_key.get(key)
-        return self._attempts.get(attempt_id) if attempt_id else None
+        return self._attempt(attempt_id) if attempt_id else None
 
     def prompt_owner(self, prompt_id: int) -> Optional[str]:
         """Return the job key that holds (or refused) this prompt id, or None when the journal never saw it."""

@@ -210,6 +210,25 @@ def test_the_right_side_panel_lists_no_preview_and_leaves_its_width_alone(page):
       .widgets.find((w) => w.name === "astria_preview").width""") is None
 
 
+def test_the_templates_dialog_lists_the_pack_under_its_label_with_readable_titles(page):
+    label = json.loads((paths.PACK_ROOT / "locales" / "en" / "main.json").read_text())["templateWorkflows"][
+        "category"][paths.PACK_FOLDER_NAME]
+    names = sorted(path.stem for path in (paths.PACK_ROOT / "workflows").glob("*.json"))
+    page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    category = page.get_by_text(label, exact=True).first
+    category.wait_for(timeout=TIMEOUT_MS)
+    category.click()
+    for name in names:
+        page.get_by_text(name, exact=True).first.wait_for(timeout=TIMEOUT_MS)
+    page.wait_for_function("""(count) => {
+      const shown = [...document.querySelectorAll('[role=dialog] img, .p-dialog img')]
+        .filter((img) => img.complete && img.naturalWidth > 0 && img.src.startsWith('blob:'));
+      return shown.length >= count;
+    }""", arg=len(names), timeout=TIMEOUT_MS)
+    shoot(page, "templates_dialog")
+    close_dialogs(page)
+
+
 def test_queueing_workflow_one_shows_the_output_image(page, frontend):
     if page.frontend == "newest-nodes2":
         pytest.skip("the run is the same graph as on the classic canvas of this frontend (kept out for CI time)")

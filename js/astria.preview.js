@@ -28,6 +28,12 @@ async function fetchReport(text, signal) {
   return body;
 }
 
+/** The text box of a text widget: `element` where the frontend has it (newer ones deprecate `inputEl`), else
+ *  `inputEl`. Checked with `in`, so the deprecated getter is never read where the new name exists. */
+function textInputElement(widget) {
+  return "element" in widget ? widget.element : widget.inputEl;
+}
+
 /** Attach the preview to one Astria Prompt node: a DOM widget below the text, refreshed after typing pauses. */
 function attachPreview(node) {
   const textWidget = node.widgets?.find((widget) => widget.name === TEXT_WIDGET);
@@ -40,6 +46,9 @@ function attachPreview(node) {
     serialize: false, // the preview is derived from the text: never part of the workflow or the prompt
     getMinHeight: () => PREVIEW_MIN_HEIGHT,
     hideOnZoom: false,
+    // Newer frontends list a selected node's widgets in the right-side panel (Parameters): the preview is not a
+    // parameter, and drawing it there would also resize the canvas copy to the panel's width.
+    hideInPanel: true,
   });
   widget.serialize = false;
 
@@ -68,7 +77,7 @@ function attachPreview(node) {
     state.timer = setTimeout(refresh, DEBOUNCE_MS);
   };
 
-  textWidget.inputEl?.addEventListener("input", schedule);
+  textInputElement(textWidget)?.addEventListener("input", schedule);
   const originalCallback = textWidget.callback;
   textWidget.callback = function (...args) {
     schedule();

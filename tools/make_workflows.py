@@ -23,9 +23,10 @@ NODE_WIDTH = 320
 # scrolling) under the text box at the frontend's default font (measured on frontends 1.32.9 and 1.58.1).
 PROMPT_NODE_SIZE = [460, 560]
 # The saved view (extra.ds) fits the whole graph into the smallest common window (1280x720 CSS px) below the
-# frontend's top bar and beside its left toolbar, so no node title starts hidden under the menus.
+# frontend's top bar, its Nodes 2.0 banner and the workflow breadcrumb (about 150 px on 1.32.9), beside its left
+# toolbar, so no node title starts hidden under the menus.
 FIT_VIEWPORT = (1280, 720)
-FIT_MARGINS = {"left": 70, "top": 110, "right": 20, "bottom": 60}
+FIT_MARGINS = {"left": 70, "top": 160, "right": 20, "bottom": 40}
 BELOW_PROMPT = 60 + PROMPT_NODE_SIZE[1] + 40  # the y of what sits under Astria Prompt
 NODE_TITLE_HEIGHT = 30  # LiteGraph draws the title above a node's pos
 # The file stems are what the frontend shows: the server lists stems, the frontend uses them as the card's title

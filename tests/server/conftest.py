@@ -73,7 +73,8 @@ class ComfyServer:
 
     def log(self) -> str:
         """Everything the server printed so far."""
-        self.log_file.flush()
+        if not self.log_file.closed:
+            self.log_file.flush()
         return self.log_path.read_text(errors="replace")
 
     def request(self, path, data=None, method=None, timeout=30):

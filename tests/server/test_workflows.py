@@ -18,7 +18,7 @@ NAMES = [ONLY_UPSCALE, ADVANCED, FOUR_X, REMOTE]  # REMOTE runs against the fake
 # The view a loaded template opens with must show every node whole in a 1280x720 window: below the top bar, right
 # of the left toolbar (both frontends), so no title starts under the menus.
 SMALL_WINDOW = (1280, 720)
-TOP_BAR_PX, LEFT_TOOLBAR_PX = 100, 60
+TOP_BAR_PX, LEFT_TOOLBAR_PX = 150, 60  # 1.32.9: the Nodes 2.0 banner and the breadcrumb below it
 EXAMPLE_INPUT = "astria_example_input.png"
 TINY_INPUT = "astria_tiny_input.png"
 TINY_SIDE_PX = 64  # the only-upscale's minimum input side; the full-size VAE costs seconds per 128 px on CPU

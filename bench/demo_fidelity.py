@@ -1,6 +1,6 @@
-"""Demo fidelity: how close the template `astria_only_upscale` comes to its input, upscaled, on the demo models.
+"""Demo fidelity: how close the template `Astria Only Upscale` comes to its input, upscaled, on the demo models.
 
-Runs the template's own graph (workflows/api/astria_only_upscale.json: the docs' prompt block, the node's widget
+Runs the template's own graph (workflows/api/Astria Only Upscale.json: the docs' prompt block, the node's widget
 values, the LoRA aliases scripts/serve --demo-models writes) in-process in ComfyUI on the example input, once per
 checkpoint, and prints side by side:
 - floor: the checkpoint's VAE round trip of the clean image (encode, decode, the template's colour fix) against the
@@ -26,7 +26,7 @@ PACK_ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("ASTRIA_CACHE", Path.home() / ".cache" / "comfyui-astria"))
 COMFY_DIR = Path(os.environ.get("COMFYUI_PATH", CACHE / "host-0.3.75" / "ComfyUI"))
 MODELS_DIR = Path(os.environ.get("ASTRIA_TEST_MODELS", CACHE / "models-v1"))
-TEMPLATE = PACK_ROOT / "workflows" / "api" / "astria_only_upscale.json"
+TEMPLATE = PACK_ROOT / "workflows" / "api" / "Astria Only Upscale.json"
 EXAMPLE_INPUT = PACK_ROOT / "workflows" / "astria_example_input.png"
 BLOCK_PX = 8  # the VAE's latent cell
 ODD_POSITIONS = (1, 3, 5)  # inside a cell, away from its boundary (7 -> 8)

@@ -1,68 +1,37 @@
-"""Make the README's before/after picture from what is true: the example input beside the pack's real output.
+"""Make the README's before/after picture from what is true: the example input beside the template's real output.
 
-Runs Astria Only Upscale (from prompt) in-process in ComfyUI on the example input with the demo checkpoint whose VAE
-is the exact pixel VAE and whose UNet has random weights. Random weights cannot add real detail, so the run uses
-denoise 0 (the upscale path alone: Lanczos + colour fix) and the picture says so; with a real checkpoint at hand
-(`--checkpoint NAME --denoise 0.1`), the after side is a real detail pass and the caption names the model.
+Runs the template `Astria Only Upscale` (workflows/api/Astria Only Upscale.json: the docs' prompt block, its widget
+values, the demo LoRA aliases) in-process in ComfyUI on the example input, through bench/demo_fidelity.py's runner,
+on the template's demo checkpoint (or `--checkpoint NAME`, e.g. a real SD1.5 checkpoint, named in the caption).
 
-Usage: $ASTRIA_CACHE/host-0.3.75/venv/bin/python tools/make_readme_images.py [--checkpoint tiny_sd15_pixel.safetensors]
+Usage: $ASTRIA_CACHE/host-0.3.75/venv/bin/python tools/make_readme_images.py [--checkpoint NAME.safetensors]
 """
 import argparse
-import asyncio
 import importlib.util
+import re
 import sys
 import tempfile
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("astria_test_paths", PACK_ROOT / "tests" / "support" / "paths.py")
-paths = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(paths)  # where the host and the generated models are, as the tests find them
-COMFY_DIR, MODELS_DIR = paths.COMFY_DIR, paths.MODELS_DIR
-EXAMPLE_INPUT = PACK_ROOT / "workflows" / "astria_example_input.png"
 OUTPUT = PACK_ROOT / "docs" / "img" / "before_after.png"
-# The docs' example without its LoRA tags (the demo has no such files) and without its denoise (--denoise decides).
-PROMPT = paths.pack_module("nodes/core/spec_tables.py").docs_example(
-    text="masterpiece, best quality, highres --only_upscale", seed="42", denoising_strength=None)
+CAPTION_KEYS = ("denoising_strength", "steps", "scheduler", "cfg_scale")
 
 
-def load_host(work: Path):
-    """ComfyUI in this process (CPU unless a GPU is there), the test models on its paths, the pack loaded."""
-    sys.path.insert(0, str(COMFY_DIR))
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)
-    import torch
-
-    if not torch.cuda.is_available():
-        import comfy.cli_args
-
-        comfy.cli_args.args.cpu = True
-    import folder_paths
-
-    for name, setter in (("user", folder_paths.set_user_directory), ("output", folder_paths.set_output_directory),
-                         ("temp", folder_paths.set_temp_directory), ("input", folder_paths.set_input_directory)):
-        (work / name).mkdir()
-        setter(str(work / name))
-    for kind in ("checkpoints", "loras", "embeddings", "vae"):
-        folder_paths.add_model_folder_path(kind, str(MODELS_DIR / kind))
-    import nodes
-
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    (work / "custom_nodes").mkdir()
-    link = work / "custom_nodes" / "ComfyUI-Astria"
-    link.symlink_to(PACK_ROOT, target_is_directory=True)
-    assert asyncio.run(nodes.load_custom_node(str(link))), "the pack did not load"
-    return nodes
+def demo_fidelity():
+    """bench/demo_fidelity.py (the template runner), loaded from its file."""
+    spec = importlib.util.spec_from_file_location("astria_demo_fidelity", PACK_ROOT / "bench" / "demo_fidelity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def run(nodes, cls_name, **inputs):
-    """Execute one of the pack's V3 nodes, its required widgets at their defaults unless given; returns its outputs."""
-    cls = nodes.NODE_CLASS_MAPPINGS[cls_name].PREPARE_CLASS_CLONE({})
-    required = cls.INPUT_TYPES().get("required", {})
-    defaults = {name: spec[1]["default"] for name, spec in required.items()
-                if len(spec) > 1 and isinstance(spec[1], dict) and "default" in spec[1]}
-    return getattr(cls, cls.FUNCTION)(**{**defaults, **inputs}).result
+def settings_caption(prompt_text: str) -> str:
+    """The template prompt's sampling settings and LoRA weights, as the caption shows them."""
+    values = [f"{key}={match[1]}" for key in CAPTION_KEYS
+              for match in [re.search(rf"^{key}=(.*)$", prompt_text, re.M)] if match]
+    loras = ", ".join(f"{name} {weight}" for name, weight in re.findall(r"<lora:([^:>]+):([^>]+)>", prompt_text))
+    return f"{', '.join(values)}, LoRAs {loras}"
 
 
 def side_by_side(before, after, caption):
@@ -81,28 +50,24 @@ def side_by_side(before, after, caption):
 
 
 def main():
+    """Run the template and write docs/img/before_after.png."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default="tiny_sd15_pixel.safetensors")
-    parser.add_argument("--denoise", type=float, default=0.0)
+    parser.add_argument("--checkpoint", default=None, help="default: the template's own (the demo checkpoint)")
     args = parser.parse_args()
     import numpy as np
-    import torch
     from PIL import Image
 
-    nodes = load_host(Path(tempfile.mkdtemp(prefix="astria-readme-")))
-    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(args.checkpoint)[:3]
-    before = Image.open(EXAMPLE_INPUT).convert("RGB")
-    image = torch.from_numpy(np.asarray(before, dtype=np.float32) / 255.0)[None]
-    prompt = run(nodes, "AstriaPrompt", text=PROMPT)[0]
-    with torch.inference_mode():
-        out = run(nodes, "AstriaOnlyUpscaleFromPrompt", image=image, model=model, clip=clip, vae=vae,
-                  astria_prompt=prompt, denoise=args.denoise, scale=2.0)[0]
+    bench = demo_fidelity()
+    work = Path(tempfile.mkdtemp(prefix="astria-readme-"))
+    nodes = bench.load_host(work)
+    bench.write_demo_aliases(work / "user")
+    checkpoint = args.checkpoint or bench.template_checkpoint()
+    out = bench.run_template(nodes, checkpoint)[0]
+    before = Image.open(bench.EXAMPLE_INPUT).convert("RGB")
     after = Image.fromarray((out[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8))
-    if args.checkpoint.startswith("tiny_"):
-        caption = (f"demo models ({args.checkpoint}, random weights): resize + colour fix only, denoise "
-                   f"{args.denoise:g}; a real checkpoint adds detail")
-    else:
-        caption = f"{args.checkpoint}, denoise {args.denoise:g}, Astria Only Upscale (from prompt)"
+    text = bench.template_node(bench.template_graph(), "AstriaPrompt")["text"]
+    caption = (f"tools/make_readme_images.py: template Astria Only Upscale on {checkpoint} "
+               f"({settings_caption(text)})")
     OUTPUT.parent.mkdir(parents=True, exist_ok=True)
     side_by_side(before, after, caption).save(OUTPUT, optimize=True)
     print(f"wrote {OUTPUT}")

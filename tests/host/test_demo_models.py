@@ -1,4 +1,4 @@
-"""The demo models (scripts/serve --demo-models, the templates' checkpoint): the template astria_only_upscale, at its
+"""The demo models (scripts/serve --demo-models, the templates' checkpoint): the template Astria Only Upscale, at its
 own settings and through the real loaders, gives back its input upscaled (bench/demo_fidelity.py's targets), and the
 demo LoRA is really applied while leaving the demo denoiser's output as it is."""
 import sys

@@ -213,6 +213,8 @@ def test_spilled_activations_give_the_untiled_result_and_live_in_files(tmp_path)
     assert (got - expected).abs().max().item() < 1e-4
     assert (got_latent - expected_latent).abs().max().item() < 1e-2
     assert list(tmp_path.iterdir()) == []  # unlinked files: nothing left behind
+    in_ram = tiled_vae.tiled_encode(vae, pixels, tile_size=24)
+    assert torch.equal(got_latent, in_ram)  # the same arithmetic as the in-RAM path, bit for bit
 
 
 def test_spilled_values_beyond_float16_switch_to_float32_files(tmp_path):

@@ -103,6 +103,52 @@ def builtin_graph(image_name):
 
 
 OUR_TILE_PX = 768  # the node's default
+USDU_TILE_PX = 512  # UltimateSDUpscale's default tile
+
+
+def usdu_graph(image_name):
+    """UltimateSDUpscale as its users wire it: Lanczos 2x, then UltimateSDUpscaleNoUpscale with its defaults (512 px
+    tiles, 32 padding, mask blur 8, Linear, no seam fix, uniform tiles) and the docs' example settings (16 steps,
+    denoise 0.1, cfg 6, euler_ancestral); the same LoRA strength as the built-ins graph."""
+    graph = builtin_graph(image_name)
+    for key in ("7", "8", "9"):
+        del graph[key]
+    graph["8"] = {"class_type": "UltimateSDUpscaleNoUpscale", "inputs": {
+        "upscaled_image": ["6", 0], "model": ["2", 0], "positive": ["3", 0], "negative": ["4", 0], "vae": ["1", 2],
+        "seed": 42, "steps": 16, "cfg": 6.0, "sampler_name": "euler_ancestral", "scheduler": "normal",
+        "denoise": 0.1, "mode_type": "Linear", "tile_width": USDU_TILE_PX, "tile_height": USDU_TILE_PX,
+        "mask_blur": 8, "tile_padding": 32, "seam_fix_mode": "None", "seam_fix_denoise": 1.0, "seam_fix_width": 64,
+        "seam_fix_mask_blur": 8, "seam_fix_padding": 16, "force_uniform_tiles": True, "tiled_decode": False,
+        "batch_size": 1}}
+    graph["10"]["inputs"] = {"images": ["8", 0], "filename_prefix": "bench_usdu"}
+    return graph
+
+
+def astria_comfyui_graph(image_name):
+    """Ours with step_semantics=comfyui: all 16 steps on KSampler's shortened schedule (UltimateSDUpscale's work)."""
+    graph = astria_graph(image_name)
+    graph["6"]["inputs"]["step_semantics"] = "comfyui"
+    return graph
+
+
+def seam_ratio(path, grid):
+    """Mean |step| across the lines every `grid` px (UltimateSDUpscale's tile borders) over the mean |step| across
+    all other lines, rows and columns together, on 0-1 pixels: 1.0 is no visible border."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+    steps_x = np.abs(np.diff(pixels, axis=1)).mean(axis=(0, 2))  # step between column c and c + 1
+    steps_y = np.abs(np.diff(pixels, axis=0)).mean(axis=(1, 2))
+    at, rest = [], []
+    for steps in (steps_x, steps_y):
+        border = np.zeros(len(steps), bool)
+        border[grid - 1::grid] = True
+        at.append(steps[border])
+        rest.append(steps[~border])
+    at, rest = np.concatenate(at), np.concatenate(rest)
+    return float(at.mean() / max(rest.mean(), 1e-12)) if at.size else float("nan")
 
 
 def astria_graph(image_name):
@@ -131,7 +177,7 @@ def write_input(folder, size):
     return "bench.png"
 
 
-def run_case(name, graph_for, size, use_gpu, comfy_args=()):
+def run_case(name, graph_for, size, use_gpu, comfy_args=(), peer_folders=()):
     """Start a fresh ComfyUI, queue one graph, measure it, stop the server; returns the figures."""
     work = Path(tempfile.mkdtemp(prefix=f"astria-bench-{name}-"))
     dirs = {key: work / key for key in ("user", "input", "output", "temp")}
@@ -144,6 +190,8 @@ def run_case(name, graph_for, size, use_gpu, comfy_args=()):
     link_folder = work / "custom_nodes"
     link_folder.mkdir()
     (link_folder / "ComfyUI-Astria").symlink_to(PACK_ROOT, target_is_directory=True)
+    for folder in peer_folders:  # a comparison pack, in this bench server only
+        (link_folder / Path(folder).name).symlink_to(Path(folder).resolve(), target_is_directory=True)
     yaml = work / "paths.yaml"
     kinds = ("checkpoints", "loras", "embeddings", "vae", "upscale_models", "controlnet")
     yaml.write_text("bench:\n    base_path: %s\n%s\n    custom_nodes: %s\n" % (
@@ -200,10 +248,12 @@ def run_case(name, graph_for, size, use_gpu, comfy_args=()):
         text = (work / "log.txt").read_text(errors="replace")
         steps = [int(m) for m in re.findall(r"(\d+)/\d+ \[", text)]
         vae_ways = sorted(set(re.findall(r"Astria (VAE (?:en|de)code: [^(;]*)", text)))
+        saved = sorted(dirs["output"].glob("*.png"))
+        seams = seam_ratio(saved[0], USDU_TILE_PX) if saved else float("nan")
         return {"case": name, "size": size, "status": status, "seconds": elapsed,
                 "peak_rss_gb": (peak[0] - baseline) / 2**30, "peak_anon_gb": (anon_peak[0] - anon_baseline) / 2**30,
                 "peak_gpu_gb": (gpu_peak[0] - gpu_baseline) / 2**30,
-                "sampler_steps": max(steps) if steps else None, "vae_ways": vae_ways}
+                "sampler_steps": max(steps) if steps else None, "vae_ways": vae_ways, "seam_ratio": seams}
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -220,21 +270,40 @@ def main():
     parser.add_argument("--comfy-args", default="", help="more arguments for ComfyUI's main.py, e.g. "
                         "'--front-end-root DIR' where the frontend package is not installed")
     parser.add_argument("--only-ours", action="store_true", help="skip the built-ins (for trying tile sizes)")
+    parser.add_argument("--usdu-folder", help="a ComfyUI_UltimateSDUpscale folder laid out by peer-usdu.sh: adds "
+                        "its column and ours with step_semantics=comfyui (its 16 steps), loaded by this bench only")
+    parser.add_argument("--usdu-label", default="", help="the peer-usdu.sh line naming both commits, printed")
+    parser.add_argument("--skip-builtins", action="store_true", help="with --usdu-folder: only USDU and ours")
     args = parser.parse_args()
     global OUR_TILE_PX  # noqa: PLW0603 (a script's one setting)
     OUR_TILE_PX = args.tile
     rows = []
     for size in args.sizes:
         cases = [("astria", astria_graph)] if args.only_ours else [("built-ins", builtin_graph), ("astria", astria_graph)]
+        if args.usdu_folder:
+            cases = [case for case in cases if not (args.skip_builtins and case[0] == "built-ins")]
+            cases += [("usdu", usdu_graph), ("astria-cui", astria_comfyui_graph)]
         for name, graph_for in cases:
-            row = run_case(name, graph_for, size, args.gpu, args.comfy_args.split())
+            peers = [args.usdu_folder] if name == "usdu" else []
+            row = run_case(name, graph_for, size, args.gpu, args.comfy_args.split(), peers)
             rows.append(row)
             gpu = f"  GPU reserved peak +{row['peak_gpu_gb']:.2f} GB" if args.gpu else ""
             print(f"{size:>5}->{size * 2:<5} {name:<10} {row['status']:<8} {row['seconds']:8.1f} s  "
                   f"peak +{row['peak_rss_gb']:.2f} GB (RssAnon +{row['peak_anon_gb']:.2f} GB; bound "
                   f"{memory_bound(size) / 2**30:.2f} GB){gpu}  steps {row['sampler_steps']}  "
-                  f"{'; '.join(w.strip() for w in row['vae_ways'])}", flush=True)
-    if args.only_ours:
+                  f"seams {row['seam_ratio']:.3f}  {'; '.join(w.strip() for w in row['vae_ways'])}", flush=True)
+    if args.usdu_folder:
+        print(f"\nvs UltimateSDUpscale ({args.usdu_label or args.usdu_folder}); targets at equal steps (astria-cui): "
+              "time <= 1.05x at 256->512, <= 0.9x at 512->1024 and above; peak <= 1.0x")
+        for size in args.sizes:
+            peer = next(r for r in rows if r["size"] == size and r["case"] == "usdu")
+            for name in ("astria", "astria-cui"):
+                ours = next((r for r in rows if r["size"] == size and r["case"] == name), None)
+                if ours:
+                    print(f"{size:>5}->{size * 2:<5} {name:<10} time {ours['seconds'] / peer['seconds']:.2f}x  "
+                          f"peak RSS {ours['peak_rss_gb'] / max(peer['peak_rss_gb'], 1e-9):.2f}x  "
+                          f"RssAnon {ours['peak_anon_gb'] / max(peer['peak_anon_gb'], 1e-9):.2f}x")
+    if args.only_ours or args.skip_builtins:
         return
     print("\nratios ours / built-ins (target: time <= 0.30, peak RSS <= 0.8)")
     for size in args.sizes:

@@ -3,7 +3,6 @@ or the host's tiled VAE as the last resort) is planned from its memory model bef
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 
 import comfy.model_management
@@ -19,8 +18,8 @@ ACTIVATIONS_IN_RAM_BYTES = 2 * 2**30
 """Our exact path keeps full activations in RAM while its whole working memory takes at most this (and fits the
 budget); above it they go to a spill file, so a run's RAM stays bounded by the tile at any size."""
 SPILL_DIR_ENV = "ASTRIA_SPILL_DIR"
-"""Where spilled activations go (default: the system temp folder); `off` never spills (the host's tiled VAE, inexact,
-runs instead)."""
+"""Where spilled activations go (default: ComfyUI's temp folder; choose a disk, not a tmpfs, which is RAM); `off`
+never spills (the host's tiled VAE, inexact, runs instead)."""
 VRAM_SHARE_FOR_ACTIVATIONS = 0.5
 """On a GPU our exact path keeps each layer's full activation in GPU memory; it runs there only when its working
 memory takes at most this share of the free GPU memory (tiles, other models and the host's own work need the
@@ -44,11 +43,18 @@ class VAEPlan:
 
 
 def spill_directory():
-    """The folder spilled activations go to, or None when spilling is switched off."""
+    """The folder spilled activations go to (ComfyUI's temp folder unless ASTRIA_SPILL_DIR says), or None when
+    spilling is switched off."""
     folder = os.environ.get(SPILL_DIR_ENV, "").strip()
     if folder.lower() == "off":
         return None
-    return folder or tempfile.gettempdir()
+    if folder:
+        return folder
+    import folder_paths
+
+    temp = folder_paths.get_temp_directory()
+    os.makedirs(temp, exist_ok=True)
+    return temp
 
 
 def _ours_supported(vae):
@@ -159,8 +165,18 @@ def _run_planned(vae_plan, what, notes, run_ours, run_host, tile_size):
         notes.append(line)
     if vae_plan.way == "host":
         return run_host(tile_size)
-    spill = tiled_vae.SpillStore(spill_directory()) if vae_plan.way == "spill" else None
-    return _with_oom_retry(lambda tile: run_ours(tile, spill), run_host, tile_size, what)
+    if vae_plan.way != "spill":
+        return _with_oom_retry(lambda tile: run_ours(tile, None), run_host, tile_size, what)
+    try:
+        return run_ours(tile_size, tiled_vae.SpillStore(spill_directory()))
+    except OSError as error:  # the disk filled up (the store reserves each file's blocks as it makes it)
+        reason = f"{error.strerror or error} while spilling to {spill_directory()}"
+    release_failed_try()
+    line = f"VAE {what}: ComfyUI's tiled VAE (inexact, up to ~0.2 off: {reason})"
+    log.warning("Astria %s", line)
+    if notes is not None:
+        notes.append(line)
+    return run_host(tile_size)
 
 
 def encode(vae, pixels, tile_size, overlap=tiling.DEFAULT_OVERLAP, notes=None):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import tempfile
 import weakref
 from collections.abc import Callable
@@ -69,7 +70,8 @@ class SpillStore:
         count = math.prod(shape)
         nbytes = max(1, count * torch.empty(0, dtype=dtype).element_size())
         with tempfile.TemporaryFile(dir=self.directory, prefix="astria-vae-") as handle:
-            handle.truncate(nbytes)
+            # reserve the blocks now: a full disk then fails here (OSError) instead of as SIGBUS on a later write
+            os.posix_fallocate(handle.fileno(), 0, nbytes)
             mapping = mmap.mmap(handle.fileno(), nbytes)
         self._maps.add(mapping)
         self.bytes_now = sum(len(m) for m in self._maps)
@@ -433,8 +435,12 @@ def _attention(source: _Activation, block, settings: _Settings) -> _Activation:
     """Global self-attention over all positions, exact, with queries in chunks and keys/values kept whole."""
     b, c, h, w = source.shape
     stats = source.group_stats(block.norm)
-    keys = torch.empty(b, 1, h * w, c, dtype=settings.dtype, device=settings.device)
-    values = torch.empty_like(keys)
+    if settings.spill is not None:  # they grow with the image (64 bytes per output pixel): in the files too
+        keys = settings.spill.empty((b, 1, h * w, c), settings.dtype, channels_last=False)
+        values = settings.spill.empty((b, 1, h * w, c), settings.dtype, channels_last=False)
+    else:
+        keys = torch.empty(b, 1, h * w, c, dtype=settings.dtype, device=settings.device)
+        values = torch.empty_like(keys)
     side = _side(settings, c)
     for rows, cols in _tiles(h, w, side):
         settings.tick()
@@ -707,14 +713,16 @@ class VAEMemory:
 
     @property
     def spilled_ram(self) -> int:
-        """RAM the run takes with its activations in a `SpillStore`."""
-        return self.tiles + self.attention + self.result + SPILL_RESIDENT_BYTES
+        """Anonymous RAM the run takes with its activations and the attention's keys and values in a `SpillStore`
+        (while one attention tile runs, the keys and values it reads are resident file pages on top)."""
+        return self.tiles + ATTENTION_SCORE_ELEMENTS * 4 + self.result + SPILL_RESIDENT_BYTES
 
     @property
     def spill_file(self) -> int:
-        """The most file space a spilled run may take: its activations in float32 (a float32 run keeps large ones
-        in float16 while they fit it, so this is the worst case)."""
-        return 2 * self.activations
+        """File space a spilled run takes: its activations (float16, or the half compute dtype) and the attention's
+        keys and values. A float32 run whose values leave float16's range needs up to twice the activations; the
+        store reserves each file's blocks when it makes it, so a full disk is an OSError there, never a crash."""
+        return self.activations + self.attention
 
 
 def memory_needs(first_stage_model, shape, encode: bool, tile_size: int | None = None,
@@ -730,8 +738,9 @@ def memory_needs(first_stage_model, shape, encode: bool, tile_size: int | None =
             attention = max(attention, 2 * batch * h * w * c * size + ATTENTION_SCORE_ELEMENTS * 4)
         last = out_h, out_w, out_c
     result = batch * (last[0] * last[1] * last[2] + channels * height * width) * 4
+    largest_layer = max(c * h * w for _, _, _, (h, w, c) in _shapes(steps, height, width, channels))
     return VAEMemory(activations=stored_bytes(first_stage_model, shape, encode),
-                     tiles=TILE_COPIES * _tile_elements(tile_size) * max(4, size),
+                     tiles=TILE_COPIES * min(_tile_elements(tile_size), batch * largest_layer) * max(4, size),
                      attention=attention, result=result)
 
 

@@ -198,9 +198,14 @@ def test_half_compute_keeps_activations_in_its_own_dtype_losslessly(monkeypatch,
     assert torch.equal(got, exact)
 
 
-def test_spilled_activations_give_the_untiled_result_and_live_in_files(tmp_path):
-    """The spill path (activations in mapped temporary files) is the same arithmetic: encode and decode match
-    untiled, and every full activation went through the store's files (freed when the run ends)."""
+def test_spilled_activations_give_the_untiled_result_and_live_in_files(tmp_path, monkeypatch):
+    """The spill path (activations in mapped temporary files, pages handed back to the kernel after every few
+    tiles) is the same arithmetic: encode and decode match untiled, and the full activations went through the
+    store's files (freed when the run ends)."""
+    monkeypatch.setattr(tiled_vae, "SPILL_RESIDENT_BYTES", 2**16)  # hand pages back after every tile here
+    released = []
+    real_release = tiled_vae.SpillStore.release
+    monkeypatch.setattr(tiled_vae.SpillStore, "release", lambda self: released.append(1) or real_release(self))
     vae = random_vae(0, **SMALL)
     latent = torch.randn(1, 4, 30, 22, generator=torch.Generator().manual_seed(10))
     pixels = torch.rand(1, 3, 72, 56, generator=torch.Generator().manual_seed(11)) * 2 - 1
@@ -214,6 +219,9 @@ def test_spilled_activations_give_the_untiled_result_and_live_in_files(tmp_path)
     assert (got - expected).abs().max().item() < 1e-4
     assert (got_latent - expected_latent).abs().max().item() < 1e-2
     assert list(tmp_path.iterdir()) == []  # unlinked files: nothing left behind
+    in_ram = tiled_vae.tiled_encode(vae, pixels, tile_size=24)
+    assert torch.equal(got_latent, in_ram)  # the same arithmetic as the in-RAM path, bit for bit
+    assert len(released) > 20
 
 
 def test_spilled_values_beyond_float16_switch_to_float32_files(tmp_path):

@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""Tiled VAE decode at a large size for a limited time: memory while it runs, progress, and how fast Cancel stops it.
+
+    VENV/bin/python bench/vae_cancel.py [--size 4096] [--after 120] [--tile 256]
+
+Decodes a seeded latent with the random-weight SD VAE (loaded through ComfyUI's `comfy.sd.VAE`, as
+bench/vae_tiling.py does) the way the nodes plan it (`host_vae.plan`: RAM or spill), asks it to cancel after
+--after seconds through the same `should_cancel` hook the nodes connect to ComfyUI's Cancel, and prints: the way,
+the peak RSS and RssAnon above the loaded VAE, tiles done of the total, the seconds from the cancel request to
+the run stopping, and the longest gap between two progress updates (what a user sees of the progress bar).
+"""
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import vae_tiling  # noqa: E402  (same folder: its loaders and /proc helpers)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--after", type=float, default=120.0, help="seconds before asking to cancel")
+    ap.add_argument("--tile", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--comfy", default=os.environ.get(
+        "COMFYUI_PATH", str(Path.home() / ".cache/comfyui-astria/host-0.3.75/ComfyUI")))
+    args = ap.parse_args()
+    import torch
+    torch.set_num_threads(args.threads)
+    vae_tiling.import_comfy(args.comfy, "cpu")
+    vae_tiling.import_pack()
+    from comfyui_astria.nodes.comfy import host_vae
+    from comfyui_astria.nodes.core import tiled_vae
+    with tempfile.TemporaryDirectory(prefix="astria-cancel-bench-") as tmp:
+        vae_file = Path(tmp) / "vae.safetensors"
+        vae_tiling.write_random_vae(vae_file, 0)
+        load_args = argparse.Namespace(vae_dtype="auto", checkpoint=None, vae_file=str(vae_file))
+        vae = vae_tiling.load_vae(load_args)
+    latent = torch.randn((1, 4, args.size // 8, args.size // 8), generator=torch.Generator().manual_seed(0))
+    plan = host_vae.plan(vae, tuple(latent.shape), False, args.tile)
+    print(f"{args.size} px decode, tile {args.tile}: {plan.describe('decode')}", flush=True)
+    rss0, anon0 = vae_tiling._status_kib("VmRSS"), vae_tiling._status_kib("RssAnon")
+    peaks = {"rss": rss0, "anon": anon0}
+    updates, asked = [], {}
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(0.05):
+            peaks["rss"] = max(peaks["rss"], vae_tiling._status_kib("VmRSS"))
+            peaks["anon"] = max(peaks["anon"], vae_tiling._status_kib("RssAnon"))
+
+    threading.Thread(target=sample, daemon=True).start()
+    started = time.perf_counter()
+
+    def should_cancel():
+        now = time.perf_counter()
+        if now - started >= args.after:
+            asked.setdefault("at", now)
+            return True
+        return False
+
+    spill = tiled_vae.SpillStore() if plan.way == "spill" else None
+    try:
+        with torch.inference_mode():
+            tiled_vae.tiled_decode(vae.first_stage_model, latent, args.tile, should_cancel=should_cancel,
+                                   progress=lambda done, total: updates.append((time.perf_counter(), done, total)),
+                                   spill=spill)
+        print("finished before the cancel request", flush=True)
+    except tiled_vae.TiledVAECancelled:
+        pass
+    ended = time.perf_counter()
+    stop.set()
+    done, total = (updates[-1][1], updates[-1][2]) if updates else (0, 0)
+    gaps = [b[0] - a[0] for a, b in zip(updates, updates[1:])]
+    print(f"ran {ended - started:.1f} s, {done}/{total} tiles; peak RSS +{(peaks['rss'] - rss0) / 1024:.0f} MiB, "
+          f"RssAnon +{(peaks['anon'] - anon0) / 1024:.0f} MiB, spill files peak "
+          f"{(spill.peak_bytes if spill else 0) / 2**30:.2f} GB", flush=True)
+    if "at" in asked:
+        print(f"cancel: stopped {ended - asked['at']:.2f} s after the request", flush=True)
+    if gaps:
+        print(f"longest gap between progress updates: {max(gaps):.2f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -36,6 +36,7 @@ def main():
     vae_tiling.import_pack()
     from comfyui_astria.nodes.comfy import host_vae
     from comfyui_astria.nodes.core import tiled_vae
+    from comfyui_astria.nodes.core.cancel import Cancelled
     with tempfile.TemporaryDirectory(prefix="astria-cancel-bench-") as tmp:
         vae_file = Path(tmp) / "vae.safetensors"
         vae_tiling.write_random_vae(vae_file, 0)
@@ -71,7 +72,7 @@ def main():
                                    progress=lambda done, total: updates.append((time.perf_counter(), done, total)),
                                    spill=spill)
         print("finished before the cancel request", flush=True)
-    except tiled_vae.TiledVAECancelled:
+    except Cancelled:
         pass
     ended = time.perf_counter()
     stop.set()

@@ -63,7 +63,13 @@ def test_the_same_file_twice_adds_up_and_scales_apply(comfy_host, sd15):
     new_model, _, report = load(comfy_host, sd15, "<lora:tiny_sd15_lora:0.5> <lora:tiny_sd15_lora.safetensors:0.25>",
                                 strength_model_scale=2.0)
     assert torch.allclose(patched(new_model, key) - base, 1.5 * lora_delta(UNET_LORA), atol=3e-3)
-    assert "0.5 + 0.25" in report or "added" in report
+    assert report.splitlines() == [
+        "tiny_sd15_lora -> tiny_sd15_lora.safetensors (exact match) x0.75 (named 2 times as tiny_sd15_lora, "
+        "tiny_sd15_lora.safetensors: x0.5 + x0.25, weights added)",
+        "warning: LoRA tiny_sd15_lora.safetensors is named 2 times in the prompt; it is applied once with the weights "
+        "added (0.5 + 0.25 = 0.75).",
+        "all weights scaled: model x2, text encoder x1",
+    ]
 
 
 def test_weight_zero_changes_nothing(comfy_host, sd15):

@@ -38,15 +38,33 @@ def test_tiled_diffusion_node_samples_a_latent_larger_than_a_tile(comfy_host, sd
     assert calls and all(shape[-1] <= 32 and shape[-2] <= 32 for shape in calls), calls
 
 
+def counting_unet(model):
+    """A clone of the model that records the latent size of every UNet call (tiles, or the whole latent)."""
+    calls = []
+    counted = model.clone()
+    counted.set_model_unet_function_wrapper(lambda apply, args: calls.append(tuple(args["input"].shape[-2:])) or apply(
+        args["input"], args["timestep"], **args["c"]))
+    return counted, calls
+
+
 def test_only_upscale_runs_tiled_when_the_target_is_larger_than_a_tile(comfy_host, sd15_pixel):
     model, clip, vae = sd15_pixel
     positive = comfy_host.nodes.CLIPTextEncode().encode(clip, "a photo")[0]
     image = picture(96, 96, seed=5)
-    with torch.inference_mode():
-        out = run_node(comfy_host, "AstriaOnlyUpscale", image=image, model=model, vae=vae, positive=positive,
-                       negative=positive, scale=3.0, denoise=0.2, steps=5, seed=3, tile_size=256)[0]
-    assert out.shape == (1, 288, 288, 3)
-    assert torch.isfinite(out).all()
+    outputs, calls = {}, {}
+    for tile_size in (256, 512):  # 288 px: 2 x 2 tiles of at most 256 px, or one piece under 512 px tiles
+        counted, calls[tile_size] = counting_unet(model)
+        with torch.inference_mode():
+            outputs[tile_size] = run_node(comfy_host, "AstriaOnlyUpscale", image=image, model=counted, vae=vae,
+                                          positive=positive, negative=positive, scale=3.0, denoise=0.2, steps=5,
+                                          seed=3, tile_size=tile_size)[0]
+    assert outputs[256].shape == outputs[512].shape == (1, 288, 288, 3)
+    assert torch.isfinite(outputs[256]).all()
+    steps_run = 2  # A1111: int(0.2 x 5) + 1
+    assert calls[512] == [(36, 36)] * steps_run  # untiled: one call per step on the whole 36 x 36 latent
+    tile_calls = calls[256]
+    assert len(tile_calls) >= steps_run and all(max(shape) <= 32 for shape in tile_calls), tile_calls
+    assert not torch.equal(outputs[256], outputs[512])  # the tiles blended their own predictions
 
 
 def test_out_of_memory_retries_once_with_smaller_tiles(comfy_host, sd15_pixel, caplog):

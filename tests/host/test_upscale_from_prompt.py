@@ -6,7 +6,8 @@ import torch
 from comfyui_astria.nodes.core.spec_tables import DOCS_UPSCALE_EXAMPLE as DOCS_EXAMPLE
 
 from .conftest import run_node
-from .test_only_upscale import picture
+from .test_only_upscale import lanczos, picture
+from .test_tiling_nodes import counting_unet
 
 
 def write_aliases(comfy_host, aliases):
@@ -47,5 +48,20 @@ def test_num_images_gives_one_image_per_seed(comfy_host, sd15_pixel):
 
 def test_prompt_settings_win_over_widgets(comfy_host, sd15_pixel):
     text = "a photo --only_upscale\ndenoising_strength=0\nw=96\nh=80"
-    images, summary = from_prompt(comfy_host, sd15_pixel, text, picture(64, 64), denoise=0.9, scale=3.0)
+    image = picture(64, 64)
+    images, summary = from_prompt(comfy_host, sd15_pixel, text, image, denoise=0.9, scale=3.0)
     assert images.shape == (1, 80, 96, 3)
+    # denoise 0 from the prompt: nothing is sampled, the output is the Lanczos resize (the widget's 0.9 would repaint)
+    assert torch.allclose(images, lanczos(image, 96, 80).clamp(0, 1), atol=1e-6)
+
+
+def test_the_prompts_steps_and_denoise_decide_the_steps_that_run(comfy_host, sd15_pixel):
+    model, clip, vae = sd15_pixel
+    calls = {}
+    for name, text in (("prompt", "a photo --only_upscale\nsteps=4\ndenoising_strength=0.5"),
+                       ("widgets", "a photo --only_upscale")):
+        counted, calls[name] = counting_unet(model)
+        _, summary = from_prompt(comfy_host, (counted, clip, vae), text, picture(64, 64), steps=16, denoise=0.1,
+                                 scale=1.0)
+    assert len(calls["prompt"]) == 3  # A1111: int(0.5 x 4) + 1 steps of a 4-step schedule, one UNet call each
+    assert len(calls["widgets"]) == 2  # the widgets' 16 steps at 0.1: int(1.6) + 1

@@ -23,9 +23,6 @@ EXAMPLE_INPUT = "astria_example_input.png"
 TINY_INPUT = "astria_tiny_input.png"
 TINY_SIDE_PX = 64  # the only-upscale's minimum input side; the full-size VAE costs seconds per 128 px on CPU
 DEMO_LORA = "tiny_sd15_lora.safetensors"
-PACK_NODES = {"AstriaPrompt", "AstriaSettings", "AstriaLoraLoader", "AstriaEncode", "AstriaOnlyUpscale",
-              "AstriaOnlyUpscaleFromPrompt", "AstriaVAEEncodeTiled", "AstriaVAEDecodeTiled", "AstriaTiledDiffusion",
-              "AstriaRemoteUpscale"}
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_CONTROLS = {"fixed", "increment", "decrement", "randomize"}
@@ -61,18 +58,10 @@ def server_nodes(workflow):
     return [node for node in workflow["nodes"] if node["type"] not in FRONTEND_ONLY]
 
 
-def not_merged(types, object_info):
-    """The pack's planned node types the server lacks (sorted); a missing core node fails the test."""
+def assert_known(types, object_info):
+    """Every node type the workflow uses is one the server knows: a missing node (the pack's too) is a failure."""
     missing = sorted(set(types) - set(object_info))
-    assert not set(missing) - PACK_NODES, f"node types the server does not know: {missing}"
-    return missing
-
-
-def skip_if_not_merged(types, object_info):
-    """Skip, naming them, while some of the pack's planned nodes are not merged yet."""
-    missing = not_merged(types, object_info)
-    if missing:
-        pytest.skip(f"waiting for the pack's nodes not merged yet: {', '.join(missing)}")
+    assert not missing, f"node types the server does not know: {missing}"
 
 
 def ordered_inputs(schema):
@@ -210,9 +199,8 @@ def test_the_saved_view_shows_every_node_below_the_menus(name):
 def test_ui_workflow_fits_the_servers_node_schemas(name, server, object_info):
     workflow = load(name)
     nodes = {node["id"]: node for node in server_nodes(workflow)}
-    missing = not_merged({node["type"] for node in nodes.values()}, object_info)
-    known = {node_id: node for node_id, node in nodes.items() if node["type"] in object_info}
-    for node in known.values():
+    assert_known({node["type"] for node in nodes.values()}, object_info)
+    for node in nodes.values():
         schema = object_info[node["type"]]
         values = widget_values_by_name(node, schema)
         specs = dict(ordered_inputs(schema))
@@ -226,8 +214,6 @@ def test_ui_workflow_fits_the_servers_node_schemas(name, server, object_info):
         source, target = nodes[from_id], nodes[to_id]
         target_slot = target["inputs"][to_slot]
         assert target_slot["link"] == link_id and link_id in source["outputs"][from_slot]["links"]
-        if from_id not in known or to_id not in known:
-            continue
         produced = output_kind(object_info[source["type"]], from_slot)
         wanted_spec = dict(ordered_inputs(object_info[target["type"]]))[target_slot["name"]]
         wanted = kind(wanted_spec)
@@ -235,14 +221,12 @@ def test_ui_workflow_fits_the_servers_node_schemas(name, server, object_info):
         assert produced == link_type or "*" in (produced, wanted), f"{where}: the link says {link_type}"
         offered = object_info[source["type"]]["output"][from_slot]
         assert accepts(wanted_spec[0], offered), f"{where}: the server refuses {produced} into {wanted}"
-    if missing:
-        pytest.skip(f"nodes and links of merged node types pass; waiting for: {', '.join(missing)}")
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_workflow_and_api_twin_are_the_same_graph(name, object_info):
     workflow = load(name)
-    skip_if_not_merged({node["type"] for node in server_nodes(workflow)}, object_info)
+    assert_known({node["type"] for node in server_nodes(workflow)}, object_info)
     twin = {node_id: {"class_type": node["class_type"], "inputs": node["inputs"]}
             for node_id, node in load(name, api=True).items()}
     assert ui_to_api(workflow, object_info) == twin
@@ -251,7 +235,7 @@ def test_ui_workflow_and_api_twin_are_the_same_graph(name, object_info):
 @pytest.mark.parametrize("name", [name for name in NAMES if name != REMOTE])
 def test_api_twin_runs_to_completion_on_a_tiny_input(name, server, object_info):
     graph = load(name, api=True)
-    skip_if_not_merged({node["class_type"] for node in graph.values()}, object_info)
+    assert_known({node["class_type"] for node in graph.values()}, object_info)
     loaders = [node for node in graph.values() if node["class_type"] == "LoadImage"]
     assert [node["inputs"]["image"] for node in loaders] == [EXAMPLE_INPUT]
     loaders[0]["inputs"]["image"] = TINY_INPUT  # the same graph on a 64 px picture

@@ -14,18 +14,16 @@ def test_steps_to_run_follows_a1111(steps, denoise, expected):
     assert img2img.a1111_steps_to_run(steps, denoise) == expected
 
 
-@pytest.mark.parametrize(("steps", "denoise"), [(16, 0.1), (20, 0.5), (16, 1.0), (5, 0.33), (16, 0.0)])
-def test_sigma_schedule_is_the_tail_a1111_runs(steps, denoise):
-    full = torch.linspace(14.6, 0.03, steps).tolist() + [0.0]
-    full = torch.tensor(full)
+@pytest.mark.parametrize(("steps", "denoise", "start"), [(16, 0.1, 14), (20, 0.5, 9), (16, 1.0, 0), (5, 0.33, 3),
+                                                     (16, 0.0, None)])
+def test_sigma_schedule_is_the_tail_a1111_runs(steps, denoise, start):
+    """The run starts at sigma index steps - t_enc - 1 (A1111's img2img): 16 steps at 0.1 start at index 14."""
+    full = torch.tensor(torch.linspace(14.6, 0.03, steps).tolist() + [0.0])
     tail = img2img.a1111_sigma_schedule(full, denoise)
-    to_run = img2img.a1111_steps_to_run(steps, denoise)
-    if to_run == 0:
+    if start is None:
         assert tail.numel() == 0
         return
-    t_enc = int(min(denoise, 0.999) * steps)
-    assert tail.shape[0] == to_run + 1
-    assert torch.equal(tail, full[steps - t_enc - 1:])
+    assert torch.equal(tail, full[start:])
     assert tail[-1] == 0
 
 

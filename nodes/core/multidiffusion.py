@@ -13,8 +13,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .tiling import LATENT_SCALE, Tile, TilePlan
+from .user_errors import shown_as_pack
 
 
+@shown_as_pack
 class TilingCancelled(Exception):
     """Raised when the caller's `should_cancel()` answers True between tile batches."""
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .user_errors import shown_as_pack
+
 DEFAULT_TILE_ELEMENTS = 128 * 512 * 512
 """Per-tile budget in activation elements (channels x height x width): a 512 px tile at the 128-channel layers.
 Tiles this size keep conv efficiency at the untiled level while the 1-px halo costs under 1%."""
@@ -32,10 +34,12 @@ ATTENTION_SCORE_ELEMENTS = 2**24
 _FP16_SAFE = 60000.0  # float16 tops out at 65504; keep margin so later sums in the tile stay finite
 
 
+@shown_as_pack
 class UnsupportedVAE(Exception):
     """The VAE is not an AutoencoderKL shape this module knows; use the host's own tiled encode/decode."""
 
 
+@shown_as_pack
 class TiledVAECancelled(Exception):
     """Raised when `should_cancel()` answers True between tiles."""
 

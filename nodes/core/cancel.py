@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .user_errors import shown_as_pack
 
+
+@shown_as_pack
 class Cancelled(Exception):
     """A loop's `should_cancel()` answered True between two pieces of work (see the module docstring)."""
 

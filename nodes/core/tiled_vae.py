@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .cancel import check_cancel
+from .user_errors import shown_as_pack
 
 DEFAULT_TILE_ELEMENTS = 128 * 512 * 512
 """Per-tile budget in activation elements (channels x height x width): a 512 px tile at the 128-channel layers.
@@ -49,6 +50,7 @@ library's own reorders, the shortcut): the tiles' share of `memory_needs`."""
 _FP16_SAFE = 60000.0  # float16 tops out at 65504; keep margin so later sums in the tile stay finite
 
 
+@shown_as_pack
 class UnsupportedVAE(Exception):
     """The VAE is not an AutoencoderKL shape this module knows; use the host's own tiled encode/decode."""
 

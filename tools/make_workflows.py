@@ -30,12 +30,13 @@ FIT_MARGINS = {"left": 70, "top": 160, "right": 20, "bottom": 40}
 BELOW_PROMPT = 60 + PROMPT_NODE_SIZE[1] + 40  # the y of what sits under Astria Prompt
 NODE_TITLE_HEIGHT = 30  # LiteGraph draws the title above a node's pos
 # The file stems are what the frontend shows: the server lists stems, the frontend uses them as the card's title
-# (as written) and description (with - and _ as spaces). So they are plain words.
+# (as written) and description (with - and _ as spaces). So they are plain words, short enough for the card's one
+# title line (about 28 characters at the dialog's default width on 1.32.9).
 TEMPLATE_NAMES = {
     "only_upscale": "Astria Only Upscale",
-    "only_upscale_advanced": "Astria Only Upscale from single nodes",
-    "four_x_large": "Astria 4x large with Tiled Diffusion",
-    "remote_upscale": "Astria Remote Upscale through the API",
+    "only_upscale_advanced": "Astria Advanced Upscale",
+    "four_x_large": "Astria 4x Tiled Upscale",
+    "remote_upscale": "Astria Remote Upscale",
 }
 
 

@@ -215,18 +215,26 @@ def test_the_templates_dialog_lists_the_pack_under_its_label_with_readable_title
         "category"][paths.PACK_FOLDER_NAME]
     names = sorted(path.stem for path in (paths.PACK_ROOT / "workflows").glob("*.json"))
     page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
-    category = page.get_by_text(label, exact=True).first
+    dialog = page.locator("[role=dialog]").filter(has_text=label)
+    category = dialog.get_by_text(label, exact=True).first
     category.wait_for(timeout=TIMEOUT_MS)
     category.click()
     for name in names:
-        page.get_by_text(name, exact=True).first.wait_for(timeout=TIMEOUT_MS)
+        dialog.get_by_text(name, exact=True).first.wait_for(timeout=TIMEOUT_MS)
     page.wait_for_function("""(count) => {
       const shown = [...document.querySelectorAll('[role=dialog] img, .p-dialog img')]
         .filter((img) => img.complete && img.naturalWidth > 0 && img.src.startsWith('blob:'));
       return shown.length >= count;
     }""", arg=len(names), timeout=TIMEOUT_MS)
     shoot(page, "templates_dialog")
-    close_dialogs(page)
+    dialog.get_by_text(WORKFLOW.stem, exact=True).first.click()  # opens the template as a user would
+    dialog.first.wait_for(state="detached", timeout=TIMEOUT_MS)
+    page.wait_for_function("""() => window.app.graph._nodes.some((n) => n.type === "AstriaPrompt")
+      && document.querySelector(".astria-preview")?.dataset.state === "ok" """, timeout=TIMEOUT_MS)
+    page.wait_for_timeout(500)
+    shoot(page, "template_opened")
+    hidden = [title for title in page.evaluate(TITLES_SEEN) if not title["onNode"]]
+    assert hidden == [], f"node titles under the menus or off screen: {hidden}"
 
 
 def test_queueing_workflow_one_shows_the_output_image(page, frontend):

@@ -12,8 +12,9 @@ from comfyui_astria.tests.support import paths
 from .conftest import output_images
 
 WORKFLOWS = paths.PACK_ROOT / "workflows"
-ONLY_UPSCALE, ADVANCED = "Astria Only Upscale", "Astria Only Upscale from single nodes"
-FOUR_X, REMOTE = "Astria 4x large with Tiled Diffusion", "Astria Remote Upscale through the API"
+ONLY_UPSCALE, ADVANCED = "Astria Only Upscale", "Astria Advanced Upscale"
+FOUR_X, REMOTE = "Astria 4x Tiled Upscale", "Astria Remote Upscale"
+CARD_TITLE_CHARS = 28  # what the templates dialog's card shows on one line at its default width (1.32.9)
 NAMES = [ONLY_UPSCALE, ADVANCED, FOUR_X, REMOTE]  # REMOTE runs against the fake Astria server in the node's tests
 # The view a loaded template opens with must show every node whole in a 1280x720 window: below the top bar, right
 # of the left toolbar (both frontends), so no title starts under the menus.
@@ -178,6 +179,7 @@ def test_the_template_name_reads_as_its_title(name):
     # The 0.3.75 server lists file stems; the frontend shows the stem as the title and, with - and _ as spaces,
     # as the description: plain words make both read well.
     assert name.startswith("Astria ") and not set(name) & set("_-.")
+    assert len(name) <= CARD_TITLE_CHARS, "the card cuts longer titles with an ellipsis"
 
 
 @pytest.mark.parametrize("name", NAMES)

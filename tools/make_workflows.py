@@ -280,8 +280,8 @@ def only_upscale(schemas) -> Graph:
         "## Astria Only Upscale\n\nPaste a prompt copied from Astria's gallery into **Astria Prompt**; the preview "
         "under it shows what will be applied, LoRAs that are missing and syntax errors.\n\n"
         "LoRA names like `more_details` are mapped to your files in `user/default/astria/lora_aliases.json`.\n\n"
-        f"The demo checkpoint `{DEMO_CHECKPOINT}` has random weights: pick a real SD1.5 checkpoint "
-        "for real detail."))
+        f"The demo checkpoint `{DEMO_CHECKPOINT}` only gives back its input, upscaled (it adds no detail): "
+        "pick a real SD1.5 checkpoint for real detail."))
     return g
 
 

@@ -263,34 +263,29 @@ class _Warnings:
         return tuple(self.items)
 
 
+def _remove_unseen(lines: list[str], pattern: re.Pattern, what: str, why: str, warnings: _Warnings) -> list[str]:
+    """Drop every match of `pattern` from `lines`, warning once where the first one was and how many there were."""
+    for index, line in enumerate(lines):
+        found = pattern.search(line)
+        if found:
+            count = sum(len(pattern.findall(rest)) for rest in lines[index:])
+            warnings.add(f"line {index + 1}, column {found.start() + 1}: {count} {what} (U+{ord(found.group()):04X} "
+                         f"and the like{why}; delete them from the text to silence this")
+            return lines[:index] + [pattern.sub("", rest) for rest in lines[index:]]
+    return lines
+
+
 def _remove_zero_width(lines: list[str], warnings: _Warnings) -> list[str]:
     """Drop zero-width spaces, word joiners and inner BOMs, warning once where the first one was."""
-    for index, line in enumerate(lines):
-        found = _ZERO_WIDTH.search(line)
-        if found:
-            count = sum(len(_ZERO_WIDTH.findall(rest)) for rest in lines[index:])
-            warnings.add(
-                f"line {index + 1}, column {found.start() + 1}: {count} invisible zero-width character(s) "
-                f"(U+{ord(found.group()):04X} and the like, usually copied from a web page) were removed; "
-                "delete them from the text to silence this"
-            )
-            return lines[:index] + [_ZERO_WIDTH.sub("", rest) for rest in lines[index:]]
-    return lines
+    return _remove_unseen(lines, _ZERO_WIDTH, "invisible zero-width character(s)",
+                          ", usually copied from a web page) were removed", warnings)
 
 
 def _remove_controls(lines: list[str], warnings: _Warnings) -> list[str]:
     """Drop control characters (C0 but tab and line breaks, DEL, C1), warning once where the first one was."""
-    for index, line in enumerate(lines):
-        found = _CONTROL.search(line)
-        if found:
-            count = sum(len(_CONTROL.findall(rest)) for rest in lines[index:])
-            warnings.add(
-                f"line {index + 1}, column {found.start() + 1}: {count} control character(s) "
-                f"(U+{ord(found.group()):04X} and the like) were removed: a text encoder must not see them, and "
-                "ComfyUI uses some as internal markers; delete them from the text to silence this"
-            )
-            return lines[:index] + [_CONTROL.sub("", rest) for rest in lines[index:]]
-    return lines
+    return _remove_unseen(lines, _CONTROL, "control character(s)",
+                          ") were removed: a text encoder must not see them, and ComfyUI uses some as internal "
+                          "markers", warnings)
 
 
 def _first_param_line(lines: list[str]) -> int:

@@ -248,7 +248,7 @@ def run_case(name, graph_for, size, use_gpu, comfy_args=(), peer_folders=()):
         text = (work / "log.txt").read_text(errors="replace")
         steps = [int(m) for m in re.findall(r"(\d+)/\d+ \[", text)]
         vae_ways = sorted(set(re.findall(r"Astria (VAE (?:en|de)code: [^(;]*)", text)))
-        saved = sorted(dirs["output"].glob("*.png"))
+        saved = sorted(dirs["output"].rglob("*.png"))
         seams = seam_ratio(saved[0], USDU_TILE_PX) if saved else float("nan")
         return {"case": name, "size": size, "status": status, "seconds": elapsed,
                 "peak_rss_gb": (peak[0] - baseline) / 2**30, "peak_anon_gb": (anon_peak[0] - anon_baseline) / 2**30,

@@ -42,9 +42,9 @@ def upscale_pixels(image, width, height, upscale_model=None):
     return img2img.lanczos_resize(image, width, height)
 
 
-UPSCALE_MODEL_COPIES = 3
-"""The host's tiled ImageUpscaleWithModel holds its float32 output at the model's scale three times at its peak (the
-output, its blend weights, the clamped copy)."""
+UPSCALE_MODEL_COPIES = 7
+"""Float32 RGB images at the upscale model's own output size the host's tiled ImageUpscaleWithModel holds at its
+peak (its output, blend weights, the clamped and moved copies): measured 6.4 (bench/upscale_stages.py)."""
 
 
 def _stage_memory(job):

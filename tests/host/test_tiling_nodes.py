@@ -146,7 +146,8 @@ def test_a_budget_too_small_for_activations_in_ram_spills_them_and_stays_exact(c
     monkeypatch.setenv("ASTRIA_SPILL_DIR", str(tmp_path))
     made = []
     real_empty = tiled_vae.SpillStore.empty
-    monkeypatch.setattr(tiled_vae.SpillStore, "empty", lambda self, *a: made.append(a[0]) or real_empty(self, *a))
+    monkeypatch.setattr(tiled_vae.SpillStore, "empty",
+                        lambda self, shape, *a, **k: made.append(shape) or real_empty(self, shape, *a, **k))
     with caplog.at_level(logging.INFO, logger="astria"), torch.inference_mode():
         decoded = run_node(comfy_host, "AstriaVAEDecodeTiled", samples={"samples": samples}, vae=vae, tile_size=64,
                            overlap=0)[0]

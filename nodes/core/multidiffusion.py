@@ -61,17 +61,6 @@ def _blend_batches(x: torch.Tensor, plan: TilePlan, run_batch, tile_batch_size: 
     return [None if o is None else o.to(x.dtype) for o in outputs]
 
 
-def multidiffusion(x: torch.Tensor, plan: TilePlan, denoise_tiles: Callable[[torch.Tensor, list[Tile]], torch.Tensor],
-                   tile_batch_size: int = 4, should_cancel: Callable[[], bool] | None = None,
-                   progress: Progress | None = None) -> torch.Tensor:
-    """Blend `denoise_tiles` over the plan's tiles of x (B, C, H, W): each call gets up to `tile_batch_size` crops
-    of one shape, concatenated tile-major along the batch ((tiles x B), C, h, w), and returns the same shape."""
-    if tuple(x.shape[-2:]) != (plan.height, plan.width):
-        raise ValueError(f"The plan covers {plan.height} x {plan.width} but the latent is {tuple(x.shape[-2:])}.")
-    return _blend_batches(x, plan, lambda crops, tiles: [denoise_tiles(crops, tiles)],
-                          tile_batch_size, should_cancel, progress)[0]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Conditioning cropped to a batch of tiles (duck-typed on ComfyUI's cond dicts; no ComfyUI import)
 

@@ -86,27 +86,32 @@ def positionwise_model(x):
     return torch.tanh(x) * 0.5 + x.pow(2) * 0.1
 
 
-def test_multidiffusion_equals_untiled_for_a_positionwise_model():
+def run_tiled(x, plan, model_fn, tile_batch_size, **options):
+    """One tiled calc_cond_batch call whose executor runs model_fn(crops) on each tile batch (a single cond)."""
+    args = {"conds": [None], "input": x, "sigma": torch.ones(x.shape[0]), "model": None, "model_options": {}}
+    return md.tiled_calc_cond_batch(args, lambda height, width: plan, lambda model, conds, crops, sigma, opts:
+                                    [model_fn(crops)], tile_batch_size, **options)[0]
+
+
+def test_multidiffusion_is_exact_for_a_positionwise_model():
     x = torch.randn(2, 4, 45, 67, generator=torch.Generator().manual_seed(0))
     plan = tile_plan(45, 67, tile_size=24, overlap=6, align=8)
     calls = []
 
-    def denoise(crops, tiles):
-        calls.append((crops.shape, len(tiles)))
-        assert crops.shape[0] == 2 * len(tiles)
+    def denoise(crops):
+        calls.append(crops.shape[0] // 2)
         return positionwise_model(crops)
 
-    out = md.multidiffusion(x, plan, denoise, tile_batch_size=3)
+    out = run_tiled(x, plan, denoise, 3)
     assert torch.allclose(out, positionwise_model(x), atol=1e-5)
-    assert sum(n for _, n in calls) == len(plan)
-    assert all(n <= 3 for _, n in calls)
+    assert sum(calls) == len(plan)
+    assert all(n <= 3 for n in calls)
 
 
 def test_multidiffusion_blends_different_tile_outputs_with_the_weights():
-    x = torch.zeros(1, 1, 10, 30)
+    x = torch.arange(30.0).expand(1, 1, 10, 30).clone()  # each crop's first column is its tile's x
     plan = tile_plan(10, 30, tile_size=16, overlap=6, align=1)
-    out = md.multidiffusion(x, plan, lambda crops, tiles: torch.stack(
-        [torch.full(c.shape, float(t.x)) for c, t in zip(crops, tiles)]), tile_batch_size=1)
+    out = run_tiled(x, plan, lambda crops: crops[..., :1, :1].expand(crops.shape).clone(), 1)
     expected = torch.zeros(10, 30)
     for i, tile in enumerate(plan.tiles):
         expected[tile.slices()] += plan.weight(i) * tile.x
@@ -118,7 +123,7 @@ def test_progress_per_tile_and_cancel_between_batches():
     x = torch.randn(1, 4, 40, 40)
     plan = tile_plan(40, 40, tile_size=16, overlap=4, align=8)
     seen = []
-    md.multidiffusion(x, plan, lambda c, t: c, tile_batch_size=2, progress=lambda d, n: seen.append((d, n)))
+    run_tiled(x, plan, lambda c: c, 2, progress=lambda d, n: seen.append((d, n)))
     assert seen == [(i + 1, len(plan)) for i in range(len(plan))]
 
     asked = []
@@ -128,7 +133,7 @@ def test_progress_per_tile_and_cancel_between_batches():
         return len(asked) > 2
 
     with pytest.raises(Cancelled):
-        md.multidiffusion(x, plan, lambda c, t: c, tile_batch_size=1, should_cancel=cancel_after_two)
+        run_tiled(x, plan, lambda c: c, 1, should_cancel=cancel_after_two)
     assert len(asked) == 3
 
 

@@ -93,7 +93,7 @@ def lanczos_resize(image: torch.Tensor, width: int, height: int) -> torch.Tensor
         del as_bytes
         resized = resized.reshape(height, width, channels)
         for start in range(0, height, BAND_ROWS):
-            band = torch.from_numpy(resized[start:start + BAND_ROWS]).to(out.device, torch.float32) / 255.0
+            band = torch.from_numpy(resized[start:start + BAND_ROWS].copy()).to(out.device, torch.float32) / 255.0
             out[index, start:start + BAND_ROWS] = band
     return out
 

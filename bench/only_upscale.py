@@ -177,6 +177,18 @@ def write_input(folder, size):
     return "bench.png"
 
 
+STAGE_MARKER = "ASTRIA_BENCH_STAGES"  # the line bench/stage_timer prints after each graph
+STAGES = ("text encode", "resize", "encode", "sampling", "decode", "colour fix")
+
+
+def stage_split(row):
+    """The row's per-stage seconds (bench/stage_timer, inside the server), the rest of the graph as "other"."""
+    timed = row["stages"].get("stages", {})
+    parts = [f"{stage} {timed[stage]:.1f}" for stage in STAGES if stage in timed]
+    other = row["stages"].get("total", float("nan")) - sum(timed.values())
+    return ", ".join(parts + [f"other {other:.1f}"]) + " s"
+
+
 def run_case(name, graph_for, size, use_gpu, comfy_args=(), peer_folders=()):
     """Start a fresh ComfyUI, queue one graph, measure it, stop the server; returns the figures."""
     work = Path(tempfile.mkdtemp(prefix=f"astria-bench-{name}-"))
@@ -190,6 +202,8 @@ def run_case(name, graph_for, size, use_gpu, comfy_args=(), peer_folders=()):
     link_folder = work / "custom_nodes"
     link_folder.mkdir()
     (link_folder / "ComfyUI-Astria").symlink_to(PACK_ROOT, target_is_directory=True)
+    # bench/stage_timer: times the host's VAE, sampler, text-encoder and resize calls (and ours) in this server only
+    (link_folder / "astria_bench_stage_timer").symlink_to(PACK_ROOT / "bench" / "stage_timer", target_is_directory=True)
     for folder in peer_folders:  # a comparison pack, in this bench server only
         (link_folder / Path(folder).name).symlink_to(Path(folder).resolve(), target_is_directory=True)
     yaml = work / "paths.yaml"
@@ -248,12 +262,15 @@ def run_case(name, graph_for, size, use_gpu, comfy_args=(), peer_folders=()):
         text = (work / "log.txt").read_text(errors="replace")
         steps = [int(m) for m in re.findall(r"(\d+)/\d+ \[", text)]
         vae_ways = sorted(set(re.findall(r"Astria (VAE (?:en|de)code: [^(;]*)", text)))
+        stage_lines = re.findall(STAGE_MARKER + r" (\{.*\})", text)
+        stages = json.loads(stage_lines[-1]) if stage_lines else {"total": float("nan"), "stages": {}}
         saved = sorted(dirs["output"].rglob("*.png"))
         seams = seam_ratio(saved[0], USDU_TILE_PX) if saved else float("nan")
         return {"case": name, "size": size, "status": status, "seconds": elapsed,
                 "peak_rss_gb": (peak[0] - baseline) / 2**30, "peak_anon_gb": (anon_peak[0] - anon_baseline) / 2**30,
                 "peak_gpu_gb": (gpu_peak[0] - gpu_baseline) / 2**30,
-                "sampler_steps": max(steps) if steps else None, "vae_ways": vae_ways, "seam_ratio": seams}
+                "sampler_steps": max(steps) if steps else None, "vae_ways": vae_ways, "seam_ratio": seams,
+                "stages": stages}
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -292,6 +309,7 @@ def main():
                   f"peak +{row['peak_rss_gb']:.2f} GB (RssAnon +{row['peak_anon_gb']:.2f} GB; bound "
                   f"{memory_bound(size) / 2**30:.2f} GB){gpu}  steps {row['sampler_steps']}  "
                   f"seams {row['seam_ratio']:.3f}  {'; '.join(w.strip() for w in row['vae_ways'])}", flush=True)
+            print(f"{'':12}stages: {stage_split(row)}", flush=True)
     if args.usdu_folder:
         print(f"\nvs UltimateSDUpscale ({args.usdu_label or args.usdu_folder}); targets at equal steps (astria-cui): "
               "time <= 1.05x at 256->512, <= 0.9x at 512->1024 and above; peak <= 1.0x")

@@ -182,11 +182,15 @@ STAGES = ("text encode", "resize", "encode", "sampling", "decode", "colour fix")
 
 
 def stage_split(row):
-    """The row's per-stage seconds (bench/stage_timer, inside the server), the rest of the graph as "other"."""
+    """The row's per-stage seconds and peak RSS above the idle server (bench/stage_timer, inside the server), the
+    rest of the graph's time as "other"."""
     timed = row["stages"].get("stages", {})
-    parts = [f"{stage} {timed[stage]:.1f}" for stage in STAGES if stage in timed]
+    peaks = row["stages"].get("peak_rss", {})
+    parts = [f"{stage} {timed[stage]:.1f} s" + (f" (+{(peaks[stage] - row['baseline']) / 2**30:.2f} GB)"
+                                                 if stage in peaks else "")
+             for stage in STAGES if stage in timed]
     other = row["stages"].get("total", float("nan")) - sum(timed.values())
-    return ", ".join(parts + [f"other {other:.1f}"]) + " s"
+    return ", ".join(parts + [f"other {other:.1f} s"])
 
 
 def run_case(name, graph_for, size, use_gpu, comfy_args=(), peer_folders=()):
@@ -270,7 +274,7 @@ def run_case(name, graph_for, size, use_gpu, comfy_args=(), peer_folders=()):
                 "peak_rss_gb": (peak[0] - baseline) / 2**30, "peak_anon_gb": (anon_peak[0] - anon_baseline) / 2**30,
                 "peak_gpu_gb": (gpu_peak[0] - gpu_baseline) / 2**30,
                 "sampler_steps": max(steps) if steps else None, "vae_ways": vae_ways, "seam_ratio": seams,
-                "stages": stages}
+                "stages": stages, "baseline": baseline}
     finally:
         process.terminate()
         process.wait(timeout=30)

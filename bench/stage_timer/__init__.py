@@ -9,12 +9,14 @@ the same clock:
 - text encode: `comfy.sd.CLIP.encode_from_tokens` / `encode_from_tokens_scheduled`;
 - resize: `comfy.utils.common_upscale` (ImageScaleBy) and our `img2img.lanczos_resize`;
 - colour fix: our `img2img.color_fix`.
-Only the outermost timed call of a thread counts (a fallback inside our VAE entry is not counted twice). At the
-end of each graph the server prints one line, `ASTRIA_BENCH_STAGES {json}`: seconds per stage and the graph's
-whole execution time; the bench reads it from the server's log.
+Only the outermost timed call of a thread counts (a fallback inside our VAE entry is not counted twice). Each
+stage's peak resident memory is read too (Linux: VmHWM, reset through /proc/self/clear_refs as the stage starts).
+At the end of each graph the server prints one line, `ASTRIA_BENCH_STAGES {json}`: seconds and peak RSS bytes per
+stage and the graph's whole execution time; the bench reads it from the server's log.
 """
 import functools
 import json
+import re
 import sys
 import threading
 import time
@@ -29,7 +31,28 @@ NODE_DISPLAY_NAME_MAPPINGS = {}
 MARKER = "ASTRIA_BENCH_STAGES"
 _totals = {}
 _calls = {}
+_peaks = {}
 _inside = threading.local()
+STATUS = "/proc/self/status"
+
+
+def _reset_peak():
+    """Start a new resident-memory high-water mark (Linux; nothing elsewhere)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def _peak_bytes():
+    """The resident-memory high-water mark since the last reset (VmHWM), 0 where unreadable."""
+    try:
+        with open(STATUS) as handle:
+            match = re.search(r"VmHWM:\s+(\d+) kB", handle.read())
+    except OSError:
+        return 0
+    return int(match.group(1)) * 1024 if match else 0
 
 
 def _timed(stage, function):
@@ -42,6 +65,7 @@ def _timed(stage, function):
         if getattr(_inside, "depth", 0):
             return function(*args, **kwargs)
         _inside.depth = 1
+        _reset_peak()
         started = time.perf_counter()
         try:
             return function(*args, **kwargs)
@@ -49,6 +73,7 @@ def _timed(stage, function):
             _inside.depth = 0
             _totals[stage] = _totals.get(stage, 0.0) + time.perf_counter() - started
             _calls[stage] = _calls.get(stage, 0) + 1
+            _peaks[stage] = max(_peaks.get(stage, 0), _peak_bytes())
 
     timed._astria_bench_stage = stage
     return timed
@@ -89,11 +114,13 @@ def _execute_and_report(self, *args, **kwargs):
     _wrap_pack()
     _totals.clear()
     _calls.clear()
+    _peaks.clear()
     started = time.perf_counter()
     try:
         return _execute(self, *args, **kwargs)
     finally:
-        figures = {"total": time.perf_counter() - started, "stages": dict(_totals), "calls": dict(_calls)}
+        figures = {"total": time.perf_counter() - started, "stages": dict(_totals), "calls": dict(_calls),
+                   "peak_rss": dict(_peaks)}
         print(f"{MARKER} {json.dumps(figures)}", flush=True)
 
 

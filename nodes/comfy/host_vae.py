@@ -57,6 +57,17 @@ def spill_directory():
     return temp
 
 
+def spill_folder_in_ram(folder):
+    """Whether `folder` is on a RAM filesystem (tmpfs, ramfs), where a spill file saves no memory (Linux's
+    /proc/mounts; False where it cannot be read)."""
+    try:
+        with open("/proc/mounts") as handle:
+            mounts = handle.read()
+    except OSError:
+        return False
+    return tiled_vae.mount_type(os.path.realpath(folder), mounts) in tiled_vae.RAM_FILESYSTEMS
+
+
 def _ours_supported(vae):
     """Whether our exact tiled path knows this VAE's shape (SD1.x/SDXL-style 2D image VAEs)."""
     if getattr(vae, "latent_dim", 2) != 2 or not hasattr(vae, "first_stage_model"):
@@ -96,15 +107,26 @@ def plan(vae, shape, encode, tile_size):
     if needs.in_ram <= min(budget, needs.result + ACTIVATIONS_IN_RAM_BYTES):
         return VAEPlan("ram", True, needs.in_ram, f"exact, activations in RAM ({gb(needs.in_ram)})")
     folder = spill_directory()
-    disk = shutil.disk_usage(folder).free if folder and os.path.isdir(folder) else 0
-    if folder and needs.spilled_ram <= budget and needs.spill_file <= disk:
+    folder_in_ram = bool(folder) and spill_folder_in_ram(folder)
+    in_ram_folder_note = (f"the spill folder {folder} is a RAM filesystem (tmpfs), so spilling there saves no "
+                          f"memory: point {SPILL_DIR_ENV} at a folder on a disk")
+    if folder_in_ram and needs.in_ram <= budget:
+        return VAEPlan("ram", True, needs.in_ram, f"exact, activations in RAM ({gb(needs.in_ram)}; "
+                                                  f"{in_ram_folder_note})")
+    disk = shutil.disk_usage(folder).free if folder and os.path.isdir(folder) and not folder_in_ram else 0
+    if folder and not folder_in_ram and needs.spilled_ram <= budget and needs.spill_file <= disk:
         return VAEPlan("spill", True, needs.spilled_ram,
                        f"exact, activations spilled to a temporary file in {folder} (up to {gb(needs.spill_file)}; "
                        f"in RAM they would take {gb(needs.in_ram)}, the in-RAM limit is "
                        f"{gb(min(budget, needs.result + ACTIVATIONS_IN_RAM_BYTES))}); RAM {gb(needs.spilled_ram)}")
-    why = ("spilling is off" if not folder else f"the spill file would need {gb(needs.spill_file)} of disk and "
-           f"{gb(disk)} is free in {folder}" if needs.spill_file > disk else
-           f"even spilled it needs {gb(needs.spilled_ram)} of RAM")
+    if not folder:
+        why = "spilling is off"
+    elif folder_in_ram:
+        why = in_ram_folder_note
+    elif needs.spill_file > disk:
+        why = f"the spill file would need {gb(needs.spill_file)} of disk and {gb(disk)} is free in {folder}"
+    else:
+        why = f"even spilled it needs {gb(needs.spilled_ram)} of RAM"
     host_ram = _host_tiled_ram(shape, encode, tile_size, vae)
     refuse_unless_fits(f"the tiled VAE {what} of a {shape[3] * (1 if encode else 8)}x"
                        f"{shape[2] * (1 if encode else 8)} px image (batch {shape[0]})", host_ram, budget,

@@ -9,6 +9,7 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 import latent_preview
+import numpy as np
 import torch
 
 from ..core import img2img, spec_tables
@@ -30,31 +31,73 @@ LATENT_GRID_PX = 8  # SD UNets need latents of whole pixels: image sides a multi
 VAE_TILE_PX = 256
 
 
-def upscale_pixels(image, width, height, upscale_model=None):
-    """The input upscaled to (width, height): through the upscale model first when one is connected (the host's
-    tiled ImageUpscaleWithModel), then Lanczos (ComfyUI's, in bands: one float32 copy of the result)."""
-    if upscale_model is not None:
-        from comfy_extras.nodes_upscale_model import ImageUpscaleWithModel
+UPSCALE_MODEL_COPIES = 7
+"""Float32 RGB images at the upscale model's own output size the host's tiled ImageUpscaleWithModel holds at its
+peak (its output, blend weights, the clamped and moved copies): measured 6.4 (bench/upscale_stages.py)."""
+UPSCALE_MODEL_BAND_BYTES = 128 * 2**20
+"""Float32 model-scale output per band of the upscale-model pass: the host's node holds about
+`UPSCALE_MODEL_COPIES` times this at once, whatever the image's size."""
+UPSCALE_MODEL_HALO_ROWS = 32
+"""Input rows each band of the upscale-model pass reads beyond its own, then crops (the host's own tile overlap)."""
 
-        image = ImageUpscaleWithModel.execute(upscale_model, image)[0]
+
+def _model_band_rows(width, scale):
+    """Input rows per upscale-model band, so one band's model-scale float32 output is about the band budget."""
+    per_input_row = max(1, int(width * scale * scale * 3 * 4))
+    return max(2 * UPSCALE_MODEL_HALO_ROWS, UPSCALE_MODEL_BAND_BYTES // per_input_row)
+
+
+def upscale_with_model(upscale_model, image, width, height):
+    """The image through the upscale model (the host's tiled ImageUpscaleWithModel) in row bands of the input, each
+    read with a halo that is cropped, then resized to (width, height) with Lanczos: only one band's model-scale work
+    is held at a time, plus the model-scale image in 8 bits (what Lanczos reads anyway) unless it is the target."""
+    from comfy_extras.nodes_upscale_model import ImageUpscaleWithModel
+
+    batch, in_height, in_width, channels = image.shape
+    scale = max(1.0, float(getattr(upscale_model, "scale", 4)))
+    band_rows = _model_band_rows(in_width, scale)
+    out = torch.empty(batch, height, width, channels, dtype=torch.float32)
+    for index in range(batch):
+        model_bytes = None
+        for rows, read in img2img.row_bands(in_height, UPSCALE_MODEL_HALO_ROWS, band_rows):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            band = ImageUpscaleWithModel.execute(upscale_model, image[index:index + 1, read])[0][0]
+            factor = band.shape[0] // (read.stop - read.start)  # the model's real scale (an integer for ESRGANs)
+            model_height, model_width = in_height * factor, band.shape[1]
+            kept = band[(rows.start - read.start) * factor:(rows.stop - read.start) * factor]
+            if (model_width, model_height) == (width, height):
+                out[index, rows.start * factor:rows.stop * factor] = kept
+                continue
+            if model_bytes is None:
+                model_bytes = np.empty((model_height, model_width, channels), dtype=np.uint8)
+            model_bytes[rows.start * factor:rows.stop * factor] = img2img.to_bytes(kept)
+            del band, kept
+        if model_bytes is not None:
+            img2img.lanczos_from_bytes(model_bytes, out[index])
+    return out
+
+
+def upscale_pixels(image, width, height, upscale_model=None):
+    """The input upscaled to (width, height): through the upscale model first when one is connected (in bands,
+    then Lanczos), else Lanczos (ComfyUI's, in bands: one float32 copy of the result)."""
+    if upscale_model is not None:
+        return upscale_with_model(upscale_model, image, width, height)
     if image.shape[2] == width and image.shape[1] == height:
         return image
     return img2img.lanczos_resize(image, width, height)
 
 
-UPSCALE_MODEL_COPIES = 7
-"""Float32 RGB images at the upscale model's own output size the host's tiled ImageUpscaleWithModel holds at its
-peak (its output, blend weights, the clamped and moved copies): measured 6.4 (bench/upscale_stages.py)."""
-
-
 def _stage_memory(job):
-    """(stage, bytes) for the stages besides the VAE whose memory grows with the image: the upscale model's output at
-    its own scale. (Tiled diffusion's grows only with the latent, 1/48 of an image's bytes; its UNet with the tile.)"""
+    """(stage, bytes) for the stages besides the VAE whose memory grows with the image: the upscale model's pass,
+    one band of host work plus the model-scale image in 8 bits. (Tiled diffusion's grows only with the latent, 1/48
+    of an image's bytes; its UNet with the tile.)"""
     if job.upscale_model is None:
         return []
     scale = max(1.0, float(getattr(job.upscale_model, "scale", 4)))
-    model_px = job.image.shape[0] * job.image.shape[1] * job.image.shape[2] * scale * scale
-    return [("the upscale model's output", int(model_px * 3 * 4 * UPSCALE_MODEL_COPIES))]
+    width = job.image.shape[2]
+    band_px = (_model_band_rows(width, scale) + 2 * UPSCALE_MODEL_HALO_ROWS) * width * scale * scale
+    model_px = job.image.shape[1] * width * scale * scale
+    return [("the upscale model's pass", int(band_px * 3 * 4 * UPSCALE_MODEL_COPIES + model_px * 3))]
 
 
 def schedule_sigmas(model, steps, denoise, sampler_name, scheduler, step_semantics):

@@ -81,6 +81,22 @@ def crop_to(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return image[:, : size[0], : size[1], :]
 
 
+def to_bytes(image: torch.Tensor) -> np.ndarray:
+    """One (H, W, C) image in 0..1 as 8-bit pixels, the way ComfyUI hands images to PIL (scaled by 255, clipped,
+    truncated)."""
+    return (image.float().cpu().numpy() * 255.0).clip(0, 255).astype(np.uint8)
+
+
+def lanczos_from_bytes(as_bytes: np.ndarray, out: torch.Tensor) -> None:
+    """Resize one (h, w, C) 8-bit image with PIL's Lanczos into `out` (H, W, C), converted in row bands."""
+    height, width, channels = out.shape
+    resized = np.asarray(Image.fromarray(as_bytes).resize((width, height), resample=Image.Resampling.LANCZOS))
+    resized = resized.reshape(height, width, channels)
+    for start in range(0, height, BAND_ROWS):
+        band = torch.from_numpy(resized[start:start + BAND_ROWS].copy()).to(out.device, torch.float32) / 255.0
+        out[start:start + BAND_ROWS] = band
+
+
 def lanczos_resize(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """A (B, H, W, C) image in 0..1 resized to (width, height) with PIL's Lanczos (what ComfyUI's `lanczos` upscale
     does, pixel for pixel), holding one float32 copy of the result: each resized 8-bit image is converted into the
@@ -88,13 +104,7 @@ def lanczos_resize(image: torch.Tensor, width: int, height: int) -> torch.Tensor
     batch, channels = image.shape[0], image.shape[3]
     out = torch.empty(batch, height, width, channels, dtype=image.dtype, device=image.device)
     for index in range(batch):
-        as_bytes = (image[index].float().cpu().numpy() * 255.0).clip(0, 255).astype(np.uint8)
-        resized = np.asarray(Image.fromarray(as_bytes).resize((width, height), resample=Image.Resampling.LANCZOS))
-        del as_bytes
-        resized = resized.reshape(height, width, channels)
-        for start in range(0, height, BAND_ROWS):
-            band = torch.from_numpy(resized[start:start + BAND_ROWS].copy()).to(out.device, torch.float32) / 255.0
-            out[index, start:start + BAND_ROWS] = band
+        lanczos_from_bytes(to_bytes(image[index]), out[index])
     return out
 
 
@@ -122,10 +132,12 @@ def _wavelet_split(image: torch.Tensor, full_size: tuple[int, int]) -> tuple[tor
     return image - low, low
 
 
-def _bands(height: int, halo: int):
-    """(rows to write, rows to read) of row bands covering `height`, each read with `halo` rows either side."""
-    for start in range(0, height, BAND_ROWS):
-        stop = min(height, start + BAND_ROWS)
+def row_bands(height: int, halo: int, rows: int | None = None):
+    """(rows to write, rows to read) of bands of `rows` rows (default `BAND_ROWS`) covering `height`, each read with
+    `halo` rows either side (clipped at the image's edges)."""
+    rows = rows or BAND_ROWS
+    for start in range(0, height, rows):
+        stop = min(height, start + rows)
         yield slice(start, stop), slice(max(0, start - halo), min(height, stop + halo))
 
 
@@ -133,7 +145,7 @@ def _channel_mean_std(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (batch, channel) mean and unbiased standard deviation of a (B, H, W, C) image, summed band by band."""
     sums = torch.zeros(image.shape[0], image.shape[3], dtype=torch.float64, device=image.device)
     squares = torch.zeros_like(sums)
-    for rows, _ in _bands(image.shape[1], 0):
+    for rows, _ in row_bands(image.shape[1], 0):
         band = image[:, rows].to(torch.float64)
         sums += band.sum(dim=(1, 2))
         squares += band.square().sum(dim=(1, 2))
@@ -156,7 +168,7 @@ def color_fix(result: torch.Tensor, reference: torch.Tensor, mode: str) -> torch
     out = torch.empty_like(result)
     full_size = (result.shape[1], result.shape[2])
     if mode == "wavelet":
-        for rows, read in _bands(result.shape[1], WAVELET_HALO):
+        for rows, read in row_bands(result.shape[1], WAVELET_HALO):
             detail, _ = _wavelet_split(result[:, read].movedim(-1, 1).float(), full_size)
             _, colour = _wavelet_split(reference[:, read].movedim(-1, 1).float(), full_size)
             fixed = (detail + colour)[:, :, rows.start - read.start:rows.stop - read.start]
@@ -164,7 +176,7 @@ def color_fix(result: torch.Tensor, reference: torch.Tensor, mode: str) -> torch
         return out
     res_mean, res_std = _channel_mean_std(result)
     ref_mean, ref_std = _channel_mean_std(reference)
-    for rows, _ in _bands(result.shape[1], 0):
+    for rows, _ in row_bands(result.shape[1], 0):
         band = result[:, rows].float()
         out[:, rows] = ((band - res_mean) / res_std.clamp_min(1e-6) * ref_std + ref_mean).clamp(0, 1)
     return out

@@ -90,6 +90,25 @@ class SpillStore:
             mapping.madvise(mmap.MADV_DONTNEED)
 
 
+RAM_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
+"""Filesystems whose files live in RAM: a spill file there saves no memory."""
+
+
+def mount_type(path: str, mounts: str) -> str | None:
+    """The filesystem type of the mount holding `path` (an absolute, resolved path), from the text of
+    /proc/mounts (the longest mount point that contains it, the last such line); None when no line matches."""
+    best, found = -1, None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= best:  # the later of two mounts on one point is the one in force
+            best, found = len(point), fields[2]
+    return found
+
+
 @dataclass
 class _Settings:
     device: torch.device

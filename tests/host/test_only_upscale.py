@@ -150,3 +150,41 @@ def test_cancel_mid_run_raises_the_host_interrupt_and_leaves_no_state(comfy_host
     monkeypatch.undo()
     out = upscale(comfy_host, model, clip, vae, picture(64, 64), scale=1.0, denoise=0.1)
     assert out.shape == (1, 64, 64, 3)
+
+
+@pytest.mark.parametrize(("in_side", "out_side"), [(80, 160), (40, 160)])  # resized after the model / the model's size
+def test_the_upscale_model_runs_in_row_bands_that_equal_the_whole_image_pass(comfy_host, monkeypatch, in_side,
+                                                                             out_side):
+    """With a band budget small enough for several bands, every host ImageUpscaleWithModel call gets a band (plus
+    its halo), never the whole image, and the result equals the whole image through the host's node, then Lanczos
+    (to float rounding, which the 8-bit step before Lanczos can turn into one level here and there)."""
+    from comfy_extras import nodes_upscale_model
+    from comfy_extras.nodes_upscale_model import ImageUpscaleWithModel, UpscaleModelLoader
+
+    upscale_node = comfy_host.pack_module.nodes.comfy.upscale
+    img2img = comfy_host.pack_module.nodes.core.img2img
+    upscale_model = UpscaleModelLoader.execute("tiny_esrgan_x4.safetensors")[0]
+    image = picture(in_side, in_side + 8, seed=9)
+    out_width = (in_side + 8) * out_side // in_side
+    with torch.inference_mode():
+        whole = ImageUpscaleWithModel.execute(upscale_model, image)[0]
+        expected = whole if whole.shape[1] == out_side else img2img.lanczos_resize(whole, out_width, out_side)
+    heights = []
+    real_execute = ImageUpscaleWithModel.execute.__func__
+
+    def spied(cls, model, band):
+        heights.append(band.shape[1])
+        return real_execute(cls, model, band)
+
+    monkeypatch.setattr(nodes_upscale_model.ImageUpscaleWithModel, "execute", classmethod(spied))
+    band_rows = 16
+    monkeypatch.setattr(upscale_node, "UPSCALE_MODEL_BAND_BYTES", (in_side + 8) * 16 * 12 * band_rows)
+    monkeypatch.setattr(upscale_node, "UPSCALE_MODEL_HALO_ROWS", 8)
+    with torch.inference_mode():
+        got = upscale_node.upscale_pixels(image, out_width, out_side, upscale_model)
+    assert len(heights) == -(-in_side // band_rows) and max(heights) <= band_rows + 2 * 8
+    assert got.shape == expected.shape
+    difference = (got - expected).abs()
+    # float model output: the same to rounding; resized: through 8 bits, where that rounding can flip one level
+    assert difference.max().item() < (1e-4 if whole.shape[1] == out_side else 1 / 255 + 1e-6)
+    assert difference.mean().item() < 1e-4

@@ -1,4 +1,6 @@
 """Astria VAE Encode/Decode (Tiled) and Astria Tiled Diffusion as ComfyUI nodes on the test models."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -185,3 +187,86 @@ def test_a_size_that_cannot_fit_is_refused_before_the_vae_runs(comfy_host, sd15_
         run_node(comfy_host, "AstriaVAEDecodeTiled", samples={"samples": torch.zeros(1, 4, 64, 64)}, vae=vae,
                  tile_size=64, overlap=0)
     assert calls == []
+
+
+def _spill_budget(comfy_host, vae, samples, monkeypatch):
+    """A RAM budget between the spilled and the in-RAM working memory of decoding `samples` with 64 px tiles."""
+    tiled_vae = comfy_host.pack_module.nodes.core.tiled_vae
+    monkeypatch.setattr(tiled_vae, "SPILL_RESIDENT_BYTES", 2**20)  # hand pages back every MiB at this small size
+    needs = _vae_needs(comfy_host, vae, tuple(samples.shape), False, 64)
+    assert needs.spilled_ram < needs.in_ram
+    monkeypatch.setenv("ASTRIA_MEMORY_BUDGET_MB", _budget_mb((needs.spilled_ram + needs.in_ram) // 2))
+    return needs
+
+
+def test_a_disk_that_fills_mid_run_falls_back_to_the_hosts_tiled_vae_and_says_why(comfy_host, sd15_pixel,
+                                                                                   monkeypatch, caplog, tmp_path):
+    """The plan chose the spill path, then a spill file cannot get its blocks (here a real kernel limit on file
+    size, RLIMIT_FSIZE, between the small and the large activations' files): the run finishes with the host's
+    tiled VAE, and the log says it is inexact and why; no raw error reaches the user."""
+    import logging
+    import resource
+    import signal
+
+    tiled_vae = comfy_host.pack_module.nodes.core.tiled_vae
+    _, _, vae = sd15_pixel
+    samples = vae.encode(picture(200, 136, seed=7))
+    _spill_budget(comfy_host, vae, samples, monkeypatch)
+    monkeypatch.setenv("ASTRIA_SPILL_DIR", str(tmp_path))
+    made = []
+    real_empty = tiled_vae.SpillStore.empty
+    monkeypatch.setattr(tiled_vae.SpillStore, "empty",
+                        lambda self, shape, *a, **k: made.append(shape) or real_empty(self, shape, *a, **k))
+    limit = 256 * 1024  # the decoder's first (latent-sized) activations fit, the full-size ones do not
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the default kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        with caplog.at_level(logging.INFO, logger="astria"), torch.inference_mode():
+            decoded = run_node(comfy_host, "AstriaVAEDecodeTiled", samples={"samples": samples}, vae=vae,
+                               tile_size=64, overlap=0)[0]
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous_handler)
+    with torch.inference_mode():
+        host = vae.decode_tiled(samples, tile_x=8, tile_y=8, overlap=0)
+    assert len(made) >= 2, "the run failed before it spilled anything: the limit is below the first file"
+    assert "VAE decode: exact, activations spilled to a temporary file" in caplog.text
+    assert "VAE decode: ComfyUI's tiled VAE (inexact, up to ~0.2 off: File too large while spilling" in caplog.text
+    assert torch.equal(decoded, host)
+    assert list(tmp_path.iterdir()) == []  # the spill files were unlinked temporary files
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs /dev/shm")
+def test_a_spill_folder_in_ram_is_not_used_and_the_summary_says_why(comfy_host, sd15_pixel, monkeypatch, caplog):
+    """ASTRIA_SPILL_DIR on a tmpfs (RAM): spilling there would save nothing, so the exact RAM way runs when it fits
+    the budget and the host's tiled VAE when it does not, each with the reason in the log."""
+    import logging
+    import tempfile
+
+    host_vae = comfy_host.pack_module.nodes.comfy.host_vae
+    if not host_vae.spill_folder_in_ram("/dev/shm"):
+        pytest.skip("/dev/shm is not a RAM filesystem here")
+    _, _, vae = sd15_pixel
+    samples = vae.encode(picture(200, 136, seed=7))
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as folder:
+        monkeypatch.setenv("ASTRIA_SPILL_DIR", folder)
+        needs = _spill_budget(comfy_host, vae, samples, monkeypatch)
+        with caplog.at_level(logging.INFO, logger="astria"), torch.inference_mode():
+            decoded = run_node(comfy_host, "AstriaVAEDecodeTiled", samples={"samples": samples}, vae=vae,
+                               tile_size=64, overlap=0)[0]
+            host = vae.decode_tiled(samples, tile_x=8, tile_y=8, overlap=0)
+        assert f"the spill folder {folder} is a RAM filesystem (tmpfs)" in caplog.text
+        assert "VAE decode: ComfyUI's tiled VAE (inexact" in caplog.text
+        assert torch.equal(decoded, host)
+        caplog.clear()
+        monkeypatch.setenv("ASTRIA_MEMORY_BUDGET_MB", _budget_mb(needs.in_ram * 2))
+        monkeypatch.setattr(host_vae, "ACTIVATIONS_IN_RAM_BYTES", 0)  # above the in-RAM limit: would spill on a disk
+        with caplog.at_level(logging.INFO, logger="astria"), torch.inference_mode():
+            decoded = run_node(comfy_host, "AstriaVAEDecodeTiled", samples={"samples": samples}, vae=vae,
+                               tile_size=64, overlap=0)[0]
+            untiled = vae.decode(samples)
+        assert "VAE decode: exact, activations in RAM" in caplog.text and "is a RAM filesystem" in caplog.text
+        assert list(Path(folder).iterdir()) == []
+    tolerance = 1e-4 if vae.vae_dtype == torch.float32 else 2e-2
+    assert (decoded - untiled).abs().max().item() < tolerance

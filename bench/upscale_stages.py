@@ -7,7 +7,8 @@ Stages (output --size x --size, batch 1): `lanczos-host` is ComfyUI's `common_up
 the node used to apply; `lanczos-ours` is `img2img.lanczos_resize` (the same PIL Lanczos, converted in row bands);
 `colour-fix-whole` is the wavelet colour fix in one band (what it was before the row bands), `colour-fix-ours` with
 the default bands; `esrgan-host` is the host's tiled ImageUpscaleWithModel with the tiny 4x ESRGAN
-(tools/make_tiny_extras.py) from --size/4 to --size. Prints wall time, peak RSS above the process's state just
+(tools/make_tiny_extras.py) from --size/4 to --size; `esrgan-ours` the only-upscale's banded pass
+(`nodes/comfy/upscale.upscale_with_model`: the host's node per row band) on the same input. Prints wall time, peak RSS above the process's state just
 before the stage (inputs made, model loaded) in MiB and in full-size float32 RGB images (--size^2 x 12 bytes), and
 max abs between the two variants of a stage.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vae_tiling  # noqa: E402
 
-STAGES = ["lanczos-host", "lanczos-ours", "colour-fix-whole", "colour-fix-ours", "esrgan-host"]
+STAGES = ["lanczos-host", "lanczos-ours", "colour-fix-whole", "colour-fix-ours", "esrgan-host", "esrgan-ours"]
 MODELS = Path(os.environ.get("ASTRIA_TEST_MODELS", Path.home() / ".cache/comfyui-astria/models-v1"))
 
 
@@ -60,8 +61,15 @@ def run_stage(stage, size, out_path):
         model = UpscaleModelLoader.execute("tiny_esrgan_x4.safetensors").result[0]
         source = torch.rand(1, size // 4, size // 4, 3, generator=gen)
 
-        def fn():
-            return ImageUpscaleWithModel.execute(model, source)[0]
+        if stage == "esrgan-host":
+            def fn():
+                return ImageUpscaleWithModel.execute(model, source)[0]
+        else:
+            import importlib
+            upscale = importlib.import_module("comfyui_astria.nodes.comfy.upscale")
+
+            def fn():
+                return upscale.upscale_with_model(model, source, size, size)
     with torch.inference_mode():
         out, seconds, peak, anon = vae_tiling.measure(fn, cuda=False)
     torch.save(out, out_path)
@@ -93,7 +101,8 @@ def main():
                 continue
             row = json.loads(done.stdout.strip().splitlines()[-1])
             outs[stage] = out
-            pair = {"lanczos-ours": "lanczos-host", "colour-fix-ours": "colour-fix-whole"}.get(stage)
+            pair = {"lanczos-ours": "lanczos-host", "colour-fix-ours": "colour-fix-whole",
+                    "esrgan-ours": "esrgan-host"}.get(stage)
             diff = (f"{(torch.load(out) - torch.load(outs[pair])).abs().max().item():.1e}"
                     if pair in outs else "")
             print(f"{stage:17} {row['seconds']:8.1f} {row['peak_mib']:9.0f} {row['peak_mib'] / image_mib:7.2f} "

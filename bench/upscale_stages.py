@@ -24,6 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vae_tiling  # noqa: E402
 
 STAGES = ["lanczos-host", "lanczos-ours", "colour-fix-whole", "colour-fix-ours", "esrgan-host", "esrgan-ours"]
+ESRGAN_INPUT = int(os.environ.get("ASTRIA_BENCH_ESRGAN_INPUT", "0"))
+"""Input side of the esrgan stages (default --size / 4: the model's output is the target; e.g. --size / 2: the
+model's 4x output is resized to the target, as in a 2x only-upscale with a 4x model)."""
 MODELS = Path(os.environ.get("ASTRIA_TEST_MODELS", Path.home() / ".cache/comfyui-astria/models-v1"))
 
 

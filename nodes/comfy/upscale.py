@@ -144,7 +144,8 @@ def only_upscale(job):
     latent = host_vae.encode(job.vae, padded, vae_tile, notes=job.notes)
     positive, negative = apply_control_net(job.positive, job.negative, job.control_net, padded,
                                            job.control_strength, job.vae)
-    model = host_diffusion.with_tiled_diffusion(job.model, job.tile_size)
+    model = host_diffusion.with_tiled_diffusion(job.model, job.tile_size,
+                                                tile_batch_size=host_diffusion.tile_batch_for(job.model))
     latent = comfy.sample.fix_empty_latent_channels(model, latent)
     noise = comfy.sample.prepare_noise(latent, job.seed)
     steps_to_run = sigmas.numel() - 1

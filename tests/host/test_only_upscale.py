@@ -188,3 +188,24 @@ def test_the_upscale_model_runs_in_row_bands_that_equal_the_whole_image_pass(com
     # float model output: the same to rounding; resized: through 8 bits, where that rounding can flip one level
     assert difference.max().item() < (1e-4 if whole.shape[1] == out_side else 1 / 255 + 1e-6)
     assert difference.mean().item() < 1e-4
+
+
+def test_on_the_cpu_every_unet_call_gets_one_tile(comfy_host, sd15_pixel):
+    """A tiled only-upscale on the CPU calls the UNet once per tile (cond and uncond rows of one tile), the faster and
+    smaller way there (host_diffusion.CPU_TILE_BATCH); the tiles still cover the latent every step."""
+    model, clip, vae = sd15_pixel
+    calls = []
+
+    def record(apply_model, args):
+        calls.append(tuple(args["input"].shape))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    watched = model.clone()
+    watched.set_model_unet_function_wrapper(record)
+    out = upscale(comfy_host, watched, clip, vae, picture(160, 160, seed=3), scale=2.0, denoise=0.3, steps=10,
+                  tile_size=256, color_fix="none")
+    assert out.shape == (1, 320, 320, 3)
+    assert calls and all(rows <= 2 for rows, *_ in calls), calls
+    assert len({shape[2:] for shape in calls}) >= 1 and max(shape[2] for shape in calls) < 40  # tiles, not the latent
+    steps = 4  # A1111 semantics at denoise 0.3 of 10 steps
+    assert len(calls) == steps * 4, "one call per tile of the 2x2 plan per step (cond and uncond batched together)"

@@ -40,8 +40,10 @@ DEFAULT_TILE_ELEMENTS = 128 * 512 * 512
 Tiles this size keep conv efficiency at the untiled level while the 1-px halo costs under 1%."""
 SMALL_ACTIVATION_BYTES = 256 * 2**20
 """Activations below this stay float32; larger ones are stored as float16 when every value fits."""
-ATTENTION_SCORE_ELEMENTS = 2**24
-"""Attention scores held at once (queries x keys): 64 MiB in float32."""
+ATTENTION_SCORE_ELEMENTS = 2**26
+"""Queries x keys per attention call: at most 256 MiB of float32 scores where the kernel holds them (the CPU's flash
+kernel does not), about a second of work on 2 CPU cores (Cancel is asked between calls), and enough queries per call
+for the CPU kernel's speed (measured at 262144 keys, a 4096 px decode: 64 queries 114 GFLOPS, 256 queries 142)."""
 SPILL_RESIDENT_BYTES = 256 * 2**20
 """A spilled run hands the file pages it touched back to the kernel after about this many bytes of tiles."""
 TILE_COPIES = 8

@@ -49,6 +49,21 @@ def test_small_vae_encode_equals_untiled(size):
     assert (got - expected).abs().max().item() < 1e-4
 
 
+
+def test_attention_queries_in_several_chunks_per_tile_equal_untiled(monkeypatch):
+    vae = random_vae(0, **SMALL)
+    latent = torch.randn(1, 4, 40, 56, generator=torch.Generator().manual_seed(1))
+    calls = []
+    real_sdpa = tiled_vae.F.scaled_dot_product_attention
+    monkeypatch.setattr(tiled_vae.F, "scaled_dot_product_attention",
+                        lambda q, k, v: calls.append(q.shape[2]) or real_sdpa(q, k, v))
+    monkeypatch.setattr(tiled_vae, "ATTENTION_SCORE_ELEMENTS", 7 * 40 * 56)  # 7 queries per call
+    with torch.no_grad():
+        expected = vae.decode(latent)
+    got = tiled_vae.tiled_decode(vae, latent, tile_size=24, storage_dtype=torch.float32)
+    assert calls and max(calls) == 7 and min(calls) < 7  # chunks that do not divide a tile's queries
+    assert (got - expected).abs().max().item() < 1e-4
+
 def test_float16_storage_stays_close():
     vae = random_vae(0, **SMALL)
     latent = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(3))

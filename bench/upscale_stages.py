@@ -7,8 +7,9 @@ Stages (output --size x --size, batch 1): `lanczos-host` is ComfyUI's `common_up
 the node used to apply; `lanczos-ours` is `img2img.lanczos_resize` (the same PIL Lanczos, converted in row bands);
 `colour-fix-whole` is the wavelet colour fix in one band (what it was before the row bands), `colour-fix-ours` with
 the default bands; `esrgan-host` is the host's tiled ImageUpscaleWithModel with the tiny 4x ESRGAN
-(tools/make_tiny_extras.py) from --size/4 to --size; `esrgan-ours` the only-upscale's banded pass
-(`nodes/comfy/upscale.upscale_with_model`: the host's node per row band) on the same input. Prints wall time, peak RSS above the process's state just
+(tools/make_tiny_extras.py) from --size/4 to --size (from ASTRIA_BENCH_ESRGAN_INPUT px when set, then the host's
+Lanczos to --size, as a user wires it); `esrgan-ours` the only-upscale's banded pass
+(`nodes/comfy/upscale.upscale_with_model`: the host's node per row band, then Lanczos) on the same input. Prints wall time, peak RSS above the process's state just
 before the stage (inputs made, model loaded) in MiB and in full-size float32 RGB images (--size^2 x 12 bytes), and
 max abs between the two variants of a stage.
 """
@@ -62,11 +63,16 @@ def run_stage(stage, size, out_path):
         from comfy_extras.nodes_upscale_model import ImageUpscaleWithModel, UpscaleModelLoader
         folder_paths.add_model_folder_path("upscale_models", str(MODELS / "upscale_models"))
         model = UpscaleModelLoader.execute("tiny_esrgan_x4.safetensors").result[0]
-        source = torch.rand(1, size // 4, size // 4, 3, generator=gen)
+        side = ESRGAN_INPUT or size // 4
+        source = torch.rand(1, side, side, 3, generator=gen)
 
         if stage == "esrgan-host":
-            def fn():
-                return ImageUpscaleWithModel.execute(model, source)[0]
+            def fn():  # as a user wires it: the model's node, then the host's Lanczos to the target if it differs
+                upscaled = ImageUpscaleWithModel.execute(model, source)[0]
+                if upscaled.shape[1:3] == (size, size):
+                    return upscaled
+                return comfy.utils.common_upscale(upscaled.movedim(-1, 1), size, size, "lanczos",
+                                                  "disabled").movedim(1, -1).clamp(0, 1)
         else:
             import importlib
             upscale = importlib.import_module("comfyui_astria.nodes.comfy.upscale")

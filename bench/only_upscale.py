@@ -310,8 +310,8 @@ def main():
             rows.append(row)
             gpu = f"  GPU reserved peak +{row['peak_gpu_gb']:.2f} GB" if args.gpu else ""
             print(f"{size:>5}->{size * 2:<5} {name:<10} {row['status']:<8} {row['seconds']:8.1f} s  "
-                  f"peak +{row['peak_rss_gb']:.2f} GB (RssAnon +{row['peak_anon_gb']:.2f} GB; bound "
-                  f"{memory_bound(size) / 2**30:.2f} GB){gpu}  steps {row['sampler_steps']}  "
+                  f"peak +{row['peak_rss_gb']:.3f} GiB (RssAnon +{row['peak_anon_gb']:.3f} GiB; bound "
+                  f"{memory_bound(size) / 2**30:.3f} GiB){gpu}  steps {row['sampler_steps']}  "
                   f"seams {row['seam_ratio']:.3f}  {'; '.join(w.strip() for w in row['vae_ways'])}", flush=True)
             print(f"{'':12}stages: {stage_split(row)}", flush=True)
     if args.usdu_folder:

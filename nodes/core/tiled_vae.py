@@ -169,11 +169,15 @@ class _Settings:
     def tick(self) -> None:
         check_cancel(self.should_cancel, "Tiled VAE")
 
-    def advance(self) -> None:
-        """After a tile: progress, and a spilled run's touched pages back to the kernel now and then."""
+    def count(self) -> None:
+        """Progress by one unit of work inside a tile (an attention query chunk): no page hand-back."""
         self.done += 1
         if self.progress is not None:
             self.progress(self.done, self.total)
+
+    def advance(self) -> None:
+        """After a tile: progress, and a spilled run's touched pages back to the kernel now and then."""
+        self.count()
         if self.spill is not None:
             self._since_release += 1
             if self._since_release * self.tile_elements * 4 >= SPILL_RESIDENT_BYTES:
@@ -472,7 +476,7 @@ def _attention(source: _Activation, block, settings: _Settings) -> _Activation:
         keys[:, 0, index] = _positions(block.k(normed))
         values[:, 0, index] = _positions(block.v(normed))
         settings.advance()
-    chunk = max(1, ATTENTION_SCORE_ELEMENTS // (h * w))
+    chunk = _query_chunk(h, w)
 
     def compute(tile):
         normed = _norm(tile, block.norm, stats)
@@ -480,6 +484,8 @@ def _attention(source: _Activation, block, settings: _Settings) -> _Activation:
         parts = []
         for i in range(0, queries.shape[2], chunk):
             settings.tick()  # one tile's queries against a large image's keys take minutes: Cancel between chunks
+            if i:
+                settings.count()  # and progress: one unit per chunk (the tile's last one is _same_layer's advance)
             parts.append(F.scaled_dot_product_attention(queries[:, :, i:i + chunk], keys, values))
         b, c, h, w = tile.shape
         attended = torch.cat(parts, dim=2)[:, 0].view(b, h, w, c).permute(0, 3, 1, 2)  # channels_last, no copy
@@ -489,6 +495,19 @@ def _attention(source: _Activation, block, settings: _Settings) -> _Activation:
     out = _same_layer(source, c, settings, compute, 0, target=_Activation(*source.shape, settings, source.data))
     source.data = None
     return out
+
+
+def _query_chunk(height: int, width: int) -> int:
+    """Queries per attention call over height x width keys."""
+    return max(1, ATTENTION_SCORE_ELEMENTS // (height * width))
+
+
+def _attention_units(h: int, w: int, c: int, settings: _Settings) -> int:
+    """Progress units of an attention step: its key/value tiles, then one per query chunk of each query tile."""
+    chunk = _query_chunk(h, w)
+    side = _side(settings, c)
+    return _count(h, w, side) + sum(math.ceil((rows.stop - rows.start) * (cols.stop - cols.start) / chunk)
+                                    for rows, cols in _tiles(h, w, side))
 
 
 def _positions(tile: torch.Tensor) -> torch.Tensor:
@@ -642,7 +661,7 @@ _STEPS = {
     "resnet": _Step(run=lambda act, m, s: _resnet(act, m, s), tiles=_resnet_tiles,
                     output=lambda h, w, c, m: (h, w, m.out_channels)),
     "attention": _Step(run=lambda act, m, s: _attention(act, m, s),
-                       tiles=lambda h, w, c, m, s: 2 * _count(h, w, _side(s, c)),
+                       tiles=lambda h, w, c, m, s: _attention_units(h, w, c, s),
                        output=lambda h, w, c, m: (h, w, c)),
     "upsample": _Step(run=lambda act, m, s: _upsample(act, m, s),
                       tiles=lambda h, w, c, m, s: _count(h, w, _side(s, 4 * c)),

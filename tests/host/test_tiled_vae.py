@@ -60,9 +60,13 @@ def test_attention_queries_in_several_chunks_per_tile_equal_untiled(monkeypatch)
     monkeypatch.setattr(tiled_vae, "ATTENTION_SCORE_ELEMENTS", 7 * 40 * 56)  # 7 queries per call
     with torch.no_grad():
         expected = vae.decode(latent)
-    got = tiled_vae.tiled_decode(vae, latent, tile_size=24, storage_dtype=torch.float32)
+    seen = []
+    got = tiled_vae.tiled_decode(vae, latent, tile_size=24, storage_dtype=torch.float32,
+                                 progress=lambda done, total: seen.append((done, total)))
     assert calls and max(calls) == 7 and min(calls) < 7  # chunks that do not divide a tile's queries
     assert (got - expected).abs().max().item() < 1e-4
+    # progress moves once per query chunk (one attention tile at 6144 px is minutes of work) and ends at its total
+    assert seen[-1][0] == seen[-1][1] == len(seen) and len(seen) > len(calls)
 
 def test_float16_storage_stays_close():
     vae = random_vae(0, **SMALL)

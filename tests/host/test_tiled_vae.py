@@ -49,7 +49,6 @@ def test_small_vae_encode_equals_untiled(size):
     assert (got - expected).abs().max().item() < 1e-4
 
 
-
 def test_attention_queries_in_several_chunks_per_tile_equal_untiled(monkeypatch):
     vae = random_vae(0, **SMALL)
     latent = torch.randn(1, 4, 40, 56, generator=torch.Generator().manual_seed(1))
@@ -67,6 +66,7 @@ def test_attention_queries_in_several_chunks_per_tile_equal_untiled(monkeypatch)
     assert (got - expected).abs().max().item() < 1e-4
     # progress moves once per query chunk (one attention tile at 6144 px is minutes of work) and ends at its total
     assert seen[-1][0] == seen[-1][1] == len(seen) and len(seen) > len(calls)
+
 
 def test_float16_storage_stays_close():
     vae = random_vae(0, **SMALL)

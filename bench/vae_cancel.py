@@ -13,7 +13,6 @@ The peak RSS is the kernel's high-water mark (VmHWM, reset through /proc/self/cl
 RssAnon is sampled every 50 ms.
 """
 import argparse
-import os
 import sys
 import tempfile
 import threading
@@ -30,13 +29,11 @@ def main():
     ap.add_argument("--after", type=float, default=120.0, help="seconds before asking to cancel")
     ap.add_argument("--tile", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--comfy", default=os.environ.get(
-        "COMFYUI_PATH", str(Path.home() / ".cache/comfyui-astria/host-0.3.75/ComfyUI")))
+    ap.add_argument("--comfy", default=vae_tiling.DEFAULT_COMFY)
     args = ap.parse_args()
+    vae_tiling.start_cpu_host(args.comfy, args.threads)
     import torch
-    torch.set_num_threads(args.threads)
-    vae_tiling.import_comfy(args.comfy, "cpu")
-    vae_tiling.import_pack()
+
     from comfyui_astria.nodes.comfy import host_vae
     from comfyui_astria.nodes.core import tiled_vae
     from comfyui_astria.nodes.core.cancel import Cancelled

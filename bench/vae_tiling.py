@@ -57,6 +57,8 @@ from pathlib import Path
 import torch
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_COMFY = os.environ.get("COMFYUI_PATH", str(Path.home() / ".cache/comfyui-astria/host-0.3.75/ComfyUI"))
+"""The ComfyUI tree the benches import: COMFYUI_PATH, else the one ./scripts/test builds."""
 MODES = ["untiled", "host", "ours", "ours-ram", "ours-spill", "td"]
 WARMUP_SIZE = 256
 TD_PACKAGE = "_td_bench"  # private name: TiledDiffusion's folder never becomes an importable top-level package
@@ -77,6 +79,13 @@ def import_comfy(comfy_path: str, device: str) -> None:
     import comfy.cli_args
     if device != "cuda":
         comfy.cli_args.args.cpu = True
+
+
+def start_cpu_host(comfy_path: str, threads: int) -> None:
+    """The CPU benches' common start: torch's thread count, ComfyUI imported on the CPU, the pack imported."""
+    torch.set_num_threads(threads)
+    import_comfy(comfy_path, "cpu")
+    import_pack()
 
 
 def resolve_device(requested: str) -> str:
@@ -305,8 +314,7 @@ def run_case(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--comfy", default=os.environ.get(
-        "COMFYUI_PATH", str(Path.home() / ".cache/comfyui-astria/host-0.3.75/ComfyUI")))
+    ap.add_argument("--comfy", default=DEFAULT_COMFY)
     ap.add_argument("--checkpoint", help="a checkpoint ComfyUI loads; default: a random-weight SD VAE")
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
     ap.add_argument("--full", action="store_true", help="add 2048 px (untiled needs ~18 GB of RAM)")

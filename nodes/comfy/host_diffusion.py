@@ -8,6 +8,7 @@ import comfy.patcher_extension
 import comfy.utils
 
 from ..core import multidiffusion, tiling
+from .host_attention import with_sdpa_on_cpu
 from .host_runtime import memory_budget, raise_if_interrupted, refuse_unless_fits, release_failed_try
 
 log = logging.getLogger("astria")
@@ -22,6 +23,8 @@ def tile_batch_for(model):
     """Tiles per UNet call for the only-upscale: one on the CPU, `DEFAULT_TILE_BATCH` on a GPU."""
     device = getattr(model, "load_device", None)
     return CPU_TILE_BATCH if getattr(device, "type", "cpu") == "cpu" else DEFAULT_TILE_BATCH
+
+
 WRAPPER_KEY = "astria_tiled_diffusion"
 EASYCACHE_KEY = "easycache"  # the key (and transformer_options entry) ComfyUI's EasyCache node installs under
 CALC_COND_BATCH = comfy.patcher_extension.WrappersMP.CALC_COND_BATCH
@@ -59,7 +62,8 @@ def with_tiled_diffusion(model, tile_size, overlap=tiling.DEFAULT_OVERLAP, tile_
 
     It is a composable `calc_cond_batch` wrapper (not the single `sampler_calc_cond_batch_function` slot): wrappers
     installed before it run once per step around it, those installed after it run once per tile batch. EasyCache's
-    per-step state cannot follow tiles, so a tiled run leaves EasyCache out, with a warning."""
+    per-step state cannot follow tiles, so a tiled run leaves EasyCache out, with a warning. On the CPU a tiled run's UNet
+    attention goes through the host's SDPA function instead of its sub-quadratic default (host_attention.py)."""
     current = {"tile": tile_size, "batch": tile_batch_size, "retried": False}
     warned = weakref.WeakSet()  # EasyCache holders (one per sampling run) already warned about
 
@@ -83,8 +87,10 @@ def with_tiled_diffusion(model, tile_size, overlap=tiling.DEFAULT_OVERLAP, tile_
         return _without_easycache(model_options)
 
     def wrapper(executor, model, conds, x, sigma, model_options):
-        if _has_easycache(model_options) and len(plan_for(*x.shape[-2:])) > 1:
-            model_options = bypass_easycache(model_options)
+        if len(plan_for(*x.shape[-2:])) > 1:  # one tile runs untouched: the host's own sampling, bit for bit
+            model_options = with_sdpa_on_cpu(model_options)
+            if _has_easycache(model_options):
+                model_options = bypass_easycache(model_options)
         if "checked" not in current:
             refuse_unless_fits(f"tiled diffusion of a {x.shape[-1] * 8}x{x.shape[-2] * 8} px image (batch "
                                f"{x.shape[0]})", x.numel() * 4 * LATENT_COPIES, memory_budget(),

@@ -133,3 +133,44 @@ def test_easycache_still_skips_steps_in_runs_that_fit_one_tile(comfy_host, sd15_
     assert "EasyCache is off" not in caplog.text
     assert "EasyCache - skipped 1/" in caplog.text  # the third step was skipped
     assert torch.equal(cached, sample(comfy_host, easycache(comfy_host, model, 3.0), clip, shape=SMALL_LATENT))
+
+
+def with_attention_recorder(model, seen):
+    """A clone whose transformer_options carry another pack's attention override: it records the function it is
+    handed and runs it."""
+    clone = model.clone()
+
+    def recorder(function, *args, **kwargs):
+        seen.append(function.__name__)
+        return function(*args, **kwargs)
+
+    clone.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = recorder
+    return clone
+
+
+def test_tiled_sampling_on_the_cpu_runs_the_unet_attention_through_sdpa_and_keeps_other_overrides(
+        comfy_host, sd15_pixel, tiled_alone, monkeypatch):
+    import comfy.cli_args
+
+    from comfyui_astria.tests.support import paths
+
+    if not paths.HOST_ON_CPU:
+        pytest.skip("the swap is for the CPU only (the host already uses SDPA on a GPU)")
+    model, clip, _ = sd15_pixel
+    seen = []
+    sample(comfy_host, with_attention_recorder(model, seen), clip, steps=1)
+    assert seen and set(seen) == {"attention_sub_quad"}  # the host's own choice on the CPU, untiled
+    seen.clear()
+    swapped = sample(comfy_host, tiled(comfy_host, with_attention_recorder(model, seen)), clip, steps=1)
+    assert seen and set(seen) == {"attention_pytorch"}  # every attention call of every tile, passed to the other
+    assert torch.equal(swapped, tiled_alone[1])  # the other override changed nothing
+    seen.clear()
+    monkeypatch.setattr(comfy.cli_args.args, "use_quad_cross_attention", True)  # the user's explicit choice
+    kept = sample(comfy_host, tiled(comfy_host, with_attention_recorder(model, seen)), clip, steps=1)
+    assert seen and set(seen) == {"attention_sub_quad"}
+    difference = (kept - swapped).abs().max().item() / swapped.abs().max().item()
+    assert 0 < difference < 1e-5, difference  # another function, the same result to float rounding
+    seen.clear()
+    monkeypatch.setattr(comfy.cli_args.args, "use_quad_cross_attention", False)
+    sample(comfy_host, tiled(comfy_host, with_attention_recorder(model, seen)), clip, shape=SMALL_LATENT, steps=1)
+    assert seen and set(seen) == {"attention_sub_quad"}  # one tile runs untouched, the host's own sampling

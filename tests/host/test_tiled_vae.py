@@ -90,6 +90,50 @@ def test_full_sd_vae_decode_at_256_px_and_encode_at_128_px_with_64_px_tiles():
     assert (got_latent - expected_latent).abs().max().item() <= 1e-3
 
 
+def _window_masked_attention(block, size, halo):
+    """An AttnBlock forward over the whole image where each query sees only the keys in its block's window (the
+    block of `size` positions it lies in, widened by `halo` on each side): local attention, written untiled."""
+    def forward(x):
+        b, c, h, w = x.shape
+        normed = block.norm(x)
+        q, k, v = (layer(normed).flatten(2).transpose(1, 2) for layer in (block.q, block.k, block.v))
+        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        ys, xs = ys.flatten(), xs.flatten()
+        top, left = ys // size * size - halo, xs // size * size - halo  # the query's window, per query
+        bottom, right = ys // size * size + size + halo, xs // size * size + size + halo
+        seen = ((ys[None] >= top[:, None]) & (ys[None] < bottom[:, None])
+                & (xs[None] >= left[:, None]) & (xs[None] < right[:, None]))
+        scores = (q @ k.transpose(1, 2)) / c**0.5
+        attended = torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1) @ v
+        return x + block.proj_out(attended.transpose(1, 2).reshape(b, c, h, w))
+    return forward
+
+
+@pytest.mark.parametrize("encode", [False, True])
+def test_local_attention_equals_the_untiled_vae_with_each_query_block_masked_to_its_window(monkeypatch, encode):
+    block, halo = 8, 4
+    monkeypatch.setattr(tiled_vae, "LOCAL_ATTENTION_BLOCK", block)
+    monkeypatch.setattr(tiled_vae, "LOCAL_ATTENTION_HALO", halo)
+    vae = random_vae(0, **SMALL)
+    masked = copy.deepcopy(vae)
+    coder = masked.encoder if encode else masked.decoder
+    coder.mid.attn_1.forward = _window_masked_attention(coder.mid.attn_1, block, halo)
+    if encode:  # ch_mult 1, 2, 2: the attention runs at a quarter of the pixels, 40 x 56 positions
+        given = torch.rand(1, 3, 160, 224, generator=torch.Generator().manual_seed(2)) * 2 - 1
+        run, untiled, untiled_masked = tiled_vae.tiled_encode, vae.encode, masked.encode
+    else:
+        given = torch.randn(1, 4, 40, 56, generator=torch.Generator().manual_seed(1))
+        run, untiled, untiled_masked = tiled_vae.tiled_decode, vae.decode, masked.decode
+    with torch.no_grad():
+        expected, exact = untiled_masked(given), untiled(given)
+    seen = []
+    got = run(vae, given, tile_size=24, storage_dtype=torch.float32, local_attention=True,
+              progress=lambda done, total: seen.append((done, total)))
+    assert (got - expected).abs().max().item() < 1e-4
+    assert (got - exact).abs().max().item() > 1e-3  # not the exact attention: windows of 16 x 16 of 40 x 56
+    assert seen[-1][0] == seen[-1][1] == len(seen)
+
+
 def test_progress_counts_every_tile_and_cancel_stops_between_tiles():
     vae = random_vae(0, **SMALL)
     latent = torch.randn(1, 4, 24, 24)

@@ -25,6 +25,13 @@ VRAM_SHARE_FOR_ACTIVATIONS = 0.5
 memory takes at most this share of the free GPU memory (tiles, other models and the host's own work need the
 rest). Otherwise the host's tiled VAE runs: it holds only tiles. (Keeping GPU activations in RAM measured 70x the
 untiled time on an H200 at 2048 px: see docs/performance.md.)"""
+VAE_ATTENTION_CHOICES = ["exact", "local"]
+"""The VAE attention widget: the exact global attention (default) or the opt-in local one (tiled_vae.py)."""
+VAE_ATTENTION_TOOLTIP = ("exact: the VAE's attention sees the whole image (the untiled result). local: each 512 px "
+                         "block sees only the 1024 px around it: not exact, but on a CPU much faster above 1024 px "
+                         "(that attention grows with the area squared: about a minute per pass at 2048 px, hours at "
+                         "8192 px). No effect where ComfyUI's tiled VAE runs (already per tile).")
+LOCAL_ATTENTION_NOTE = "attention local to 1024 px windows (vae_attention=local: not exact)"
 HOST_TILED_RAM_PER_PIXEL = 3 * 4 * 3
 """The host's tiled VAE beside its tiles: its float32 output and blend-weight buffers and one converted copy."""
 
@@ -89,9 +96,17 @@ def _host_tiled_ram(shape, encode, tile_size, vae):
     return pixels * HOST_TILED_RAM_PER_PIXEL + int(memory_used(tile_shape, vae.vae_dtype))
 
 
-def plan(vae, shape, encode, tile_size):
+def plan(vae, shape, encode, tile_size, local_attention=False):
     """How our tiled VAE runs for input `shape` (B, C, H, W) with `tile_size`, from its memory model; raises our
-    sentence when no way fits."""
+    sentence when no way fits. With `local_attention` our way is not exact and says so (same memory)."""
+    chosen = _plan(vae, shape, encode, tile_size, LOCAL_ATTENTION_NOTE if local_attention else "exact")
+    if local_attention and chosen.way != "host":
+        return VAEPlan(chosen.way, False, chosen.ram, chosen.reason)
+    return chosen
+
+
+def _plan(vae, shape, encode, tile_size, ours):
+    """`plan`, with `ours` naming our way's exactness in its reasons."""
     what = "encode" if encode else "decode"
     if not _ours_supported(vae):
         return VAEPlan("host", False, _host_tiled_ram(shape, encode, tile_size, vae),
@@ -100,23 +115,23 @@ def plan(vae, shape, encode, tile_size):
     if vae.device.type != "cpu":
         free = comfy.model_management.get_free_memory(vae.device)
         if needs.in_ram <= free * VRAM_SHARE_FOR_ACTIVATIONS:
-            return VAEPlan("gpu", True, 0, f"exact, on the GPU ({gb(needs.in_ram)} of {gb(free)} free)")
+            return VAEPlan("gpu", True, 0, f"{ours}, on the GPU ({gb(needs.in_ram)} of {gb(free)} free)")
         return VAEPlan("host", False, 0, f"ComfyUI's tiled VAE (inexact, up to ~0.2 off: the exact path would need "
                                          f"{gb(needs.in_ram)} of GPU memory, {gb(free)} is free)")
     budget = memory_budget()
     if needs.in_ram <= min(budget, needs.result + ACTIVATIONS_IN_RAM_BYTES):
-        return VAEPlan("ram", True, needs.in_ram, f"exact, activations in RAM ({gb(needs.in_ram)})")
+        return VAEPlan("ram", True, needs.in_ram, f"{ours}, activations in RAM ({gb(needs.in_ram)})")
     folder = spill_directory()
     folder_in_ram = bool(folder) and spill_folder_in_ram(folder)
     in_ram_folder_note = (f"the spill folder {folder} is a RAM filesystem (tmpfs), so spilling there saves no "
                           f"memory: point {SPILL_DIR_ENV} at a folder on a disk")
     if folder_in_ram and needs.in_ram <= budget:
-        return VAEPlan("ram", True, needs.in_ram, f"exact, activations in RAM ({gb(needs.in_ram)}; "
+        return VAEPlan("ram", True, needs.in_ram, f"{ours}, activations in RAM ({gb(needs.in_ram)}; "
                                                   f"{in_ram_folder_note})")
     disk = shutil.disk_usage(folder).free if folder and os.path.isdir(folder) and not folder_in_ram else 0
     if folder and not folder_in_ram and needs.spilled_ram <= budget and needs.spill_file <= disk:
         return VAEPlan("spill", True, needs.spilled_ram,
-                       f"exact, activations spilled to a temporary file in {folder} (up to {gb(needs.spill_file)}; "
+                       f"{ours}, activations spilled to a temporary file in {folder} (up to {gb(needs.spill_file)}; "
                        f"in RAM they would take {gb(needs.in_ram)}, the in-RAM limit is "
                        f"{gb(min(budget, needs.result + ACTIVATIONS_IN_RAM_BYTES))}); RAM {gb(needs.spilled_ram)}")
     if not folder:
@@ -134,7 +149,7 @@ def plan(vae, shape, encode, tile_size):
     return VAEPlan("host", False, host_ram, f"ComfyUI's tiled VAE (inexact, up to ~0.2 off: {why})")
 
 
-def check_fits_in_memory(width, height, batch, vae, tile_size, extra_stages=()):
+def check_fits_in_memory(width, height, batch, vae, tile_size, extra_stages=(), local_attention=False):
     """Refuse, before anything is allocated, an only-upscale whose images plus its largest stage's working memory
     (the tiled VAE encode and decode as they will run, and `extra_stages`: (name, bytes)) cannot fit the RAM
     budget, saying how much it needs and what to change. Returns the encode and decode plans."""
@@ -143,8 +158,8 @@ def check_fits_in_memory(width, height, batch, vae, tile_size, extra_stages=()):
     fix = "lower the scale or the batch size (or free RAM)"
     refuse_unless_fits(f"a {width}x{height} px result (batch {batch}) for its images alone", images, budget, fix)
     latent_h, latent_w = -(-height // 8), -(-width // 8)
-    encode_plan = plan(vae, (batch, 3, latent_h * 8, latent_w * 8), True, tile_size)
-    decode_plan = plan(vae, (batch, 4, latent_h, latent_w), False, tile_size)
+    encode_plan = plan(vae, (batch, 3, latent_h * 8, latent_w * 8), True, tile_size, local_attention)
+    decode_plan = plan(vae, (batch, 4, latent_h, latent_w), False, tile_size, local_attention)
     stages = [("the VAE encode", encode_plan.ram), ("the VAE decode", decode_plan.ram), *extra_stages]
     name, largest = max(stages, key=lambda stage: stage[1])
     refuse_unless_fits(f"a {width}x{height} px result (batch {batch}): {gb(images)} for its images plus "
@@ -201,12 +216,12 @@ def _run_planned(vae_plan, what, notes, run_ours, run_host, tile_size):
     return run_host(tile_size)
 
 
-def encode(vae, pixels, tile_size, overlap=tiling.DEFAULT_OVERLAP, notes=None):
-    """Latent (B, C, H/8, W/8) of (B, H, W, C) pixels in 0..1: our exact one-pass tiled encode, or the host's;
-    which way ran (and why) goes to the log and to `notes` when given."""
+def encode(vae, pixels, tile_size, overlap=tiling.DEFAULT_OVERLAP, notes=None, local_attention=False):
+    """Latent (B, C, H/8, W/8) of (B, H, W, C) pixels in 0..1: our exact one-pass tiled encode (its attention local
+    with `local_attention`), or the host's; which way ran (and why) goes to the log and to `notes` when given."""
     pixels = pixels[..., :3]
     channels_first = pixels.movedim(-1, 1)
-    vae_plan = plan(vae, channels_first.shape, True, tile_size)
+    vae_plan = plan(vae, channels_first.shape, True, tile_size, local_attention)
 
     def run_host(tile):
         return vae.encode_tiled(pixels, tile_x=tile, tile_y=tile, overlap=min(overlap, tile // 4))
@@ -221,7 +236,7 @@ def encode(vae, pixels, tile_size, overlap=tiling.DEFAULT_OVERLAP, notes=None):
     def run_ours(tile, spill):
         return tiled_vae.tiled_encode(vae.first_stage_model, model_input, tile, device=vae.device,
                                       dtype=vae.vae_dtype, should_cancel=raise_if_interrupted, progress=progress,
-                                      spill=spill)
+                                      spill=spill, local_attention=local_attention)
 
     latent = _run_planned(vae_plan, "encode", notes, run_ours, run_host, tile_size)
     return latent.to(vae.output_device).float()
@@ -233,10 +248,10 @@ def _host_decode(vae, samples, tile_size, overlap):
     return vae.decode_tiled(samples, tile_x=tile, tile_y=tile, overlap=min(overlap // 8, tile // 4))
 
 
-def decode(vae, samples, tile_size, overlap=tiling.DEFAULT_OVERLAP, notes=None):
-    """(B, H, W, C) pixels in 0..1 of a latent tensor: our exact one-pass tiled decode, or the host's; which way
-    ran (and why) goes to the log and to `notes` when given."""
-    vae_plan = plan(vae, samples.shape, False, tile_size)
+def decode(vae, samples, tile_size, overlap=tiling.DEFAULT_OVERLAP, notes=None, local_attention=False):
+    """(B, H, W, C) pixels in 0..1 of a latent tensor: our exact one-pass tiled decode (its attention local with
+    `local_attention`), or the host's; which way ran (and why) goes to the log and to `notes` when given."""
+    vae_plan = plan(vae, samples.shape, False, tile_size, local_attention)
 
     def run_host(tile):
         return _host_decode(vae, samples, tile, overlap)
@@ -251,7 +266,7 @@ def decode(vae, samples, tile_size, overlap=tiling.DEFAULT_OVERLAP, notes=None):
     def run_ours(tile, spill):
         decoded = tiled_vae.tiled_decode(vae.first_stage_model, latent, tile, device=vae.device,
                                          dtype=vae.vae_dtype, should_cancel=raise_if_interrupted, progress=progress,
-                                         spill=spill)
+                                         spill=spill, local_attention=local_attention)
         return vae.process_output(decoded.to(vae.output_device).float()).movedim(1, -1)
 
     return _run_planned(vae_plan, "decode", notes, run_ours, run_host, tile_size)

@@ -21,6 +21,8 @@ def _tiled_vae_schema(cls, node_id, display_name, data_input, output, tile_step)
             io.Int.Input("overlap", default=64, min=0, max=4096, step=32, tooltip=OVERLAP_TOOLTIP),
             io.Int.Input("temporal_size", default=64, min=8, max=4096, step=4, tooltip=TEMPORAL_SIZE_TOOLTIP),
             io.Int.Input("temporal_overlap", default=8, min=4, max=4096, step=4, tooltip=TEMPORAL_OVERLAP_TOOLTIP),
+            io.Combo.Input("vae_attention", options=host_vae.VAE_ATTENTION_CHOICES, default="exact", optional=True,
+                           tooltip=host_vae.VAE_ATTENTION_TOOLTIP),
         ],
         outputs=[output],
     )
@@ -39,15 +41,18 @@ class AstriaVAEEncodeTiled(io.ComfyNode):
         return _tiled_vae_schema(
             cls, "AstriaVAEEncodeTiled", "Astria VAE Encode (Tiled)",
             io.Image.Input("pixels", tooltip="The image to encode."),
-            io.Latent.Output(display_name="LATENT", tooltip="The latent, equal to the untiled encode's."), tile_step=64)
+            io.Latent.Output(display_name="LATENT",
+                             tooltip="The latent, equal to the untiled encode's (with vae_attention exact)."),
+            tile_step=64)
 
     @classmethod
-    def execute(cls, pixels, vae, tile_size, overlap, temporal_size, temporal_overlap) -> io.NodeOutput:
+    def execute(cls, pixels, vae, tile_size, overlap, temporal_size, temporal_overlap,
+                vae_attention="exact") -> io.NodeOutput:
         if _is_video(vae):
             samples = vae.encode_tiled(pixels[..., :3], tile_x=tile_size, tile_y=tile_size, overlap=overlap,
                                        tile_t=temporal_size, overlap_t=temporal_overlap)
         else:
-            samples = host_vae.encode(vae, pixels, tile_size, overlap)
+            samples = host_vae.encode(vae, pixels, tile_size, overlap, local_attention=vae_attention == "local")
         return io.NodeOutput({"samples": samples})
 
 
@@ -60,10 +65,13 @@ class AstriaVAEDecodeTiled(io.ComfyNode):
         return _tiled_vae_schema(
             cls, "AstriaVAEDecodeTiled", "Astria VAE Decode (Tiled)",
             io.Latent.Input("samples", tooltip="The latent to decode."),
-            io.Image.Output(display_name="IMAGE", tooltip="The image, equal to the untiled decode's."), tile_step=32)
+            io.Image.Output(display_name="IMAGE",
+                            tooltip="The image, equal to the untiled decode's (with vae_attention exact)."),
+            tile_step=32)
 
     @classmethod
-    def execute(cls, samples, vae, tile_size, overlap, temporal_size, temporal_overlap) -> io.NodeOutput:
+    def execute(cls, samples, vae, tile_size, overlap, temporal_size, temporal_overlap,
+                vae_attention="exact") -> io.NodeOutput:
         latent = samples["samples"]
         if _is_video(vae):
             compression = vae.spacial_compression_decode()
@@ -73,7 +81,8 @@ class AstriaVAEDecodeTiled(io.ComfyNode):
             if images.ndim == 5:
                 images = images.reshape(-1, *images.shape[-3:])
             return io.NodeOutput(images)
-        return io.NodeOutput(host_vae.decode(vae, latent, tile_size, overlap))
+        return io.NodeOutput(host_vae.decode(vae, latent, tile_size, overlap,
+                                             local_attention=vae_attention == "local"))
 
 
 class AstriaTiledDiffusion(io.ComfyNode):

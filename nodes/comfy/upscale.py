@@ -134,14 +134,15 @@ def only_upscale(job):
     img2img.check_input_size(in_width, in_height)
     width, height = img2img.target_size(in_width, in_height, job.scale, job.width, job.height)
     vae_tile = min(job.tile_size, VAE_TILE_PX)
-    host_vae.check_fits_in_memory(width, height, batch, job.vae, vae_tile, _stage_memory(job))
+    local_attention = job.vae_attention == "local"
+    host_vae.check_fits_in_memory(width, height, batch, job.vae, vae_tile, _stage_memory(job), local_attention)
     upscaled = upscale_pixels(job.image, width, height, job.upscale_model)
     comfy.model_management.throw_exception_if_processing_interrupted()
     sigmas = schedule_sigmas(job.model, job.steps, job.denoise, job.sampler_name, job.scheduler, job.step_semantics)
     if sigmas.numel() < 2:
         return upscaled  # denoise 0: the upscaled image, no sampling
     padded, original = img2img.pad_to_multiple(upscaled, LATENT_GRID_PX)
-    latent = host_vae.encode(job.vae, padded, vae_tile, notes=job.notes)
+    latent = host_vae.encode(job.vae, padded, vae_tile, notes=job.notes, local_attention=local_attention)
     positive, negative = apply_control_net(job.positive, job.negative, job.control_net, padded,
                                            job.control_strength, job.vae)
     model = host_diffusion.with_tiled_diffusion(job.model, job.tile_size,
@@ -154,7 +155,7 @@ def only_upscale(job):
                                   negative, latent, sigmas=sigmas, callback=callback, seed=job.seed,
                                   disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
     del latent, noise
-    decoded = host_vae.decode(job.vae, samples, vae_tile, notes=job.notes)
+    decoded = host_vae.decode(job.vae, samples, vae_tile, notes=job.notes, local_attention=local_attention)
     decoded = img2img.crop_to(decoded, original).clamp_(0, 1)
     del padded
     return img2img.color_fix(decoded, upscaled, job.color_fix)
@@ -195,7 +196,7 @@ def upscale_widget_inputs():
 
 
 def optional_model_inputs():
-    """The optional upscale model and tile ControlNet inputs."""
+    """The optional upscale model and tile ControlNet inputs, and the VAE attention choice."""
     return [
         io.UpscaleModel.Input("upscale_model", optional=True,
                               tooltip="Optional upscale model (e.g. 4x ESRGAN) run first, then resized to the target."),
@@ -204,6 +205,8 @@ def optional_model_inputs():
         io.Float.Input("control_strength", default=spec_tables.DEFAULT_RESEMBLANCE, min=0.0, max=2.0, step=0.01,
                        optional=True,
                        tooltip="ControlNet strength (Astria's --resemblance, default 0.65); used with a ControlNet."),
+        io.Combo.Input("vae_attention", options=host_vae.VAE_ATTENTION_CHOICES, default="exact", optional=True,
+                       tooltip=host_vae.VAE_ATTENTION_TOOLTIP),
     ]
 
 
@@ -231,6 +234,7 @@ class UpscaleJob:
     upscale_model: Any = None
     control_net: Any = None
     control_strength: float = spec_tables.DEFAULT_RESEMBLANCE
+    vae_attention: str = "exact"
     callback: Any = None  # a sampler callback; None: the host's latent preview
     notes: Any = None  # a list the run appends its VAE way notes to (which way ran and why), or None
 
@@ -261,13 +265,13 @@ class AstriaOnlyUpscale(io.ComfyNode):
     @classmethod
     def execute(cls, image, model, vae, positive, negative, scale, width, height, steps, denoise, cfg, sampler_name,
                 scheduler, seed, tile_size, color_fix, step_semantics, upscale_model=None, control_net=None,
-                control_strength=spec_tables.DEFAULT_RESEMBLANCE) -> io.NodeOutput:
+                control_strength=spec_tables.DEFAULT_RESEMBLANCE, vae_attention="exact") -> io.NodeOutput:
         require_vae(vae)
         job = UpscaleJob(image=image, model=model, vae=vae, positive=positive, negative=negative, scale=scale,
                          width=width, height=height, steps=steps, denoise=denoise, cfg=cfg,
                          sampler_name=sampler_name, scheduler=scheduler, seed=seed, tile_size=tile_size,
                          color_fix=color_fix, step_semantics=step_semantics, upscale_model=upscale_model,
-                         control_net=control_net, control_strength=control_strength)
+                         control_net=control_net, control_strength=control_strength, vae_attention=vae_attention)
         return io.NodeOutput(only_upscale(job))
 
 
@@ -302,7 +306,8 @@ class AstriaOnlyUpscaleFromPrompt(io.ComfyNode):
     @classmethod
     def execute(cls, image, model, clip, vae, astria_prompt, scale, width, height, steps, denoise, cfg, sampler_name,
                 scheduler, seed, tile_size, color_fix, step_semantics, weighting, upscale_model=None,
-                control_net=None, control_strength=spec_tables.DEFAULT_RESEMBLANCE) -> io.NodeOutput:
+                control_net=None, control_strength=spec_tables.DEFAULT_RESEMBLANCE,
+                vae_attention="exact") -> io.NodeOutput:
         require_vae(vae)
         understood = settings_for_node(astria_prompt, steps=steps, cfg=cfg, denoise=denoise,
                                        sampler_name=sampler_name, scheduler=scheduler, seed=seed, scale=scale,
@@ -319,7 +324,8 @@ class AstriaOnlyUpscaleFromPrompt(io.ComfyNode):
                          sampler_name=understood.sampler_name, scheduler=understood.scheduler,
                          seed=understood.seed, tile_size=tile_size, color_fix=color_fix,
                          step_semantics=step_semantics, upscale_model=upscale_model, control_net=control_net,
-                         control_strength=control_strength if strength is None else strength, notes=vae_notes)
+                         control_strength=control_strength if strength is None else strength,
+                         vae_attention=vae_attention, notes=vae_notes)
         results = [only_upscale(replace(job, seed=run_seed)) for run_seed in understood.seeds]
         summary = understood.summary_lines() + ["LoRAs applied:"] + [f"  {line}" for line in lora_report]
         summary += [f"Encoding: {note}" for note in encode_notes]

@@ -270,3 +270,29 @@ def test_a_spill_folder_in_ram_is_not_used_and_the_summary_says_why(comfy_host, 
         assert list(Path(folder).iterdir()) == []
     tolerance = 1e-4 if vae.vae_dtype == torch.float32 else 2e-2
     assert (decoded - untiled).abs().max().item() < tolerance
+
+
+def test_local_vae_attention_is_opt_in_and_the_log_says_it_is_not_exact(comfy_host, sd15, monkeypatch, caplog):
+    """vae_attention=local on the tiled VAE decode node: a different image from the exact default (the tiny
+    checkpoint's random VAE attends everywhere), what tiled_vae's local attention gives, and the log line says so."""
+    import logging
+
+    tiled_vae = comfy_host.pack_module.nodes.core.tiled_vae
+    monkeypatch.setattr(tiled_vae, "LOCAL_ATTENTION_BLOCK", 8)  # windows of 16 x 16 positions in a 24 x 32 latent
+    monkeypatch.setattr(tiled_vae, "LOCAL_ATTENTION_HALO", 4)
+    _, _, vae = sd15
+    samples = torch.randn(1, 4, 24, 32, generator=torch.Generator().manual_seed(5))
+    with caplog.at_level(logging.INFO, logger="astria"), torch.inference_mode():
+        exact = run_node(comfy_host, "AstriaVAEDecodeTiled", samples={"samples": samples}, vae=vae, tile_size=64,
+                         overlap=0)[0]
+        assert "VAE decode: exact, activations in RAM" in caplog.text
+        caplog.clear()
+        local = run_node(comfy_host, "AstriaVAEDecodeTiled", samples={"samples": samples}, vae=vae, tile_size=64,
+                         overlap=0, vae_attention="local")[0]
+        untiled = vae.decode(samples)
+        ours = tiled_vae.tiled_decode(vae.first_stage_model, samples.to(vae.vae_dtype), 64, local_attention=True)
+    assert "VAE decode: attention local to 1024 px windows (vae_attention=local: not exact)" in caplog.text
+    tolerance = 1e-4 if vae.vae_dtype == torch.float32 else 2e-2
+    assert (exact - untiled).abs().max().item() < tolerance
+    assert (local - exact).abs().max().item() > 10 * tolerance
+    assert (local - vae.process_output(ours.float()).movedim(1, -1)).abs().max().item() < tolerance

@@ -65,3 +65,12 @@ def test_the_prompts_steps_and_denoise_decide_the_steps_that_run(comfy_host, sd1
                                  scale=1.0)
     assert len(calls["prompt"]) == 3  # A1111: int(0.5 x 4) + 1 steps of a 4-step schedule, one UNet call each
     assert len(calls["widgets"]) == 2  # the widgets' 16 steps at 0.1: int(1.6) + 1
+
+
+def test_local_vae_attention_is_named_in_the_summary_as_not_exact(comfy_host, sd15_pixel):
+    text = "a photo --only_upscale\nsteps=4\ndenoising_strength=0.3"
+    _, summary = from_prompt(comfy_host, sd15_pixel, text, picture(64, 64, seed=3), vae_attention="local")
+    assert "VAE encode: attention local to 1024 px windows (vae_attention=local: not exact)" in summary
+    assert "VAE decode: attention local to 1024 px windows (vae_attention=local: not exact)" in summary
+    _, summary = from_prompt(comfy_host, sd15_pixel, text, picture(64, 64, seed=3))
+    assert "VAE decode: exact" in summary and "not exact" not in summary

@@ -131,6 +131,25 @@ def astria_comfyui_graph(image_name):
     return graph
 
 
+def astria_local_graph(image_name):
+    """Ours with step_semantics=comfyui and vae_attention=local (the opt-in, inexact VAE attention)."""
+    graph = astria_comfyui_graph(image_name)
+    graph["6"]["inputs"]["vae_attention"] = "local"
+    return graph
+
+
+def pixel_difference(path_a, path_b):
+    """(max abs, mean abs) between two saved images, in 0-1 pixels (nan when either is missing)."""
+    import numpy as np
+    from PIL import Image
+
+    if not (path_a and path_b):
+        return float("nan"), float("nan")
+    with Image.open(path_a) as a, Image.open(path_b) as b:
+        diff = np.abs(np.asarray(a.convert("RGB"), np.float64) - np.asarray(b.convert("RGB"), np.float64)) / 255
+    return float(diff.max()), float(diff.mean())
+
+
 def seam_ratio(path, grid):
     """Mean |step| across the lines every `grid` px (UltimateSDUpscale's tile borders) over the mean |step| across
     all other lines, rows and columns together, on 0-1 pixels: 1.0 is no visible border."""
@@ -270,11 +289,16 @@ def run_case(name, graph_for, size, use_gpu, comfy_args=(), peer_folders=()):
         stages = json.loads(stage_lines[-1]) if stage_lines else {"total": float("nan"), "stages": {}}
         saved = sorted(dirs["output"].rglob("*.png"))
         seams = seam_ratio(saved[0], USDU_TILE_PX) if saved else float("nan")
+        kept = None
+        if saved:  # kept for the image comparisons (the work folder goes)
+            kept = Path(tempfile.gettempdir()) / "astria-bench-images" / f"{name}-{size}.png"
+            kept.parent.mkdir(exist_ok=True)
+            shutil.copyfile(saved[0], kept)
         return {"case": name, "size": size, "status": status, "seconds": elapsed,
                 "peak_rss_gb": (peak[0] - baseline) / 2**30, "peak_anon_gb": (anon_peak[0] - anon_baseline) / 2**30,
                 "peak_gpu_gb": (gpu_peak[0] - gpu_baseline) / 2**30,
                 "sampler_steps": max(steps) if steps else None, "vae_ways": vae_ways, "seam_ratio": seams,
-                "stages": stages, "baseline": baseline}
+                "stages": stages, "baseline": baseline, "image": str(kept) if kept else None}
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -295,6 +319,8 @@ def main():
                         "its column and ours with step_semantics=comfyui (its 16 steps), loaded by this bench only")
     parser.add_argument("--usdu-label", default="", help="the peer-usdu.sh line naming both commits, printed")
     parser.add_argument("--skip-builtins", action="store_true", help="with --usdu-folder: only USDU and ours")
+    parser.add_argument("--local-vae-attention", action="store_true", help="with --usdu-folder: add ours with "
+                        "comfyui semantics and vae_attention=local, and its pixel difference to the exact one")
     args = parser.parse_args()
     global OUR_TILE_PX  # noqa: PLW0603 (a script's one setting)
     OUR_TILE_PX = args.tile
@@ -304,6 +330,7 @@ def main():
         if args.usdu_folder:
             cases = [case for case in cases if not (args.skip_builtins and case[0] == "built-ins")]
             cases += [("usdu", usdu_graph), ("astria-cui", astria_comfyui_graph)]
+            cases += [("astria-loc", astria_local_graph)] if args.local_vae_attention else []
         for name, graph_for in cases:
             peers = [args.usdu_folder] if name == "usdu" else []
             row = run_case(name, graph_for, size, args.gpu, args.comfy_args.split(), peers)
@@ -319,12 +346,18 @@ def main():
               "time <= 1.05x at 256->512, <= 0.9x at 512->1024 and above; peak <= 1.0x")
         for size in args.sizes:
             peer = next(r for r in rows if r["size"] == size and r["case"] == "usdu")
-            for name in ("astria", "astria-cui"):
+            for name in ("astria", "astria-cui", "astria-loc"):
                 ours = next((r for r in rows if r["size"] == size and r["case"] == name), None)
                 if ours:
                     print(f"{size:>5}->{size * 2:<5} {name:<10} time {ours['seconds'] / peer['seconds']:.2f}x  "
                           f"peak RSS {ours['peak_rss_gb'] / max(peer['peak_rss_gb'], 1e-9):.2f}x  "
                           f"RssAnon {ours['peak_anon_gb'] / max(peer['peak_anon_gb'], 1e-9):.2f}x")
+            exact, local = (next((r for r in rows if r["size"] == size and r["case"] == n), None)
+                            for n in ("astria-cui", "astria-loc"))
+            if exact and local:
+                most, mean = pixel_difference(exact["image"], local["image"])
+                print(f"{size:>5}->{size * 2:<5} vae_attention local vs exact (same seed, 8-bit PNGs): max abs "
+                      f"{most:.4f}, mean abs {mean:.2e}")
     if args.only_ours or args.skip_builtins:
         return
     print("\nratios ours / built-ins (target: time <= 0.30, peak RSS <= 0.8)")

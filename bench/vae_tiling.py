@@ -22,7 +22,8 @@ choice (bf16 on recent cards) unless --vae-dtype says otherwise.
 
 `ours` runs the way the nodes plan it (`host_vae.plan`: activations in RAM while the working memory takes at most
 2 GB, else spilled to a temporary file; the row names the way); `ours-ram` and `ours-spill` (only when asked for with
---modes) force one way. CPU rows also give the peak RssAnon (sampled every 20 ms): resident memory without mapped
+--modes) force one way; `ours-local` (only when asked for) runs the planned way with the opt-in local attention
+(vae_attention=local: each 512 px block attends to the 1024 px around it; not exact). CPU rows also give the peak RssAnon (sampled every 20 ms): resident memory without mapped
 file pages, i.e. without the spill file's pages, which the kernel may write out and drop at any time.
 
 `td`: TiledDiffusion's Tiled VAE (github.com/shiimizu/ComfyUI-TiledDiffusion, tiled_vae.py), a comparison only.
@@ -59,7 +60,7 @@ import torch
 PACK_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_COMFY = os.environ.get("COMFYUI_PATH", str(Path.home() / ".cache/comfyui-astria/host-0.3.75/ComfyUI"))
 """The ComfyUI tree the benches import: COMFYUI_PATH, else the one ./scripts/test builds."""
-MODES = ["untiled", "host", "ours", "ours-ram", "ours-spill", "td"]
+MODES = ["untiled", "host", "ours", "ours-ram", "ours-spill", "ours-local", "td"]
 WARMUP_SIZE = 256
 TD_PACKAGE = "_td_bench"  # private name: TiledDiffusion's folder never becomes an importable top-level package
 
@@ -242,6 +243,8 @@ def make_cases(args, vae, tiled_vae, td, latent, image, ways=None):
     model = vae.first_stage_model
 
     def way(mode, shape, encode):
+        if mode == "ours-local":
+            return host_vae.plan(vae, shape, encode, args.tile, local_attention=True).way + " local attention"
         if mode == "ours-spill":
             return "spill"
         if mode == "ours-ram" or vae.device.type != "cpu":
@@ -249,19 +252,19 @@ def make_cases(args, vae, tiled_vae, td, latent, image, ways=None):
         return host_vae.plan(vae, shape, encode, args.tile).way
 
     def store(chosen):
-        return tiled_vae.SpillStore() if chosen == "spill" else None
+        return tiled_vae.SpillStore() if chosen.startswith("spill") else None
 
     def ours_decode(mode):
         chosen = ways[mode] = way(mode, tuple(latent.shape), False)
         raw = tiled_vae.tiled_decode(model, latent.to(vae.vae_dtype), tile_size=args.tile, device=vae.device,
-                                     spill=store(chosen))
+                                     spill=store(chosen), local_attention=mode == "ours-local")
         return vae.process_output(raw).movedim(1, -1).to(vae.output_device)
 
     def ours_encode(mode):
         pixels = vae.process_input(vae.vae_encode_crop_pixels(image).movedim(-1, 1))
         chosen = ways[mode] = way(mode, tuple(pixels.shape), True)
         out = tiled_vae.tiled_encode(model, pixels.to(vae.vae_dtype), tile_size=args.tile, device=vae.device,
-                                     spill=store(chosen))
+                                     spill=store(chosen), local_attention=mode == "ours-local")
         return out.to(vae.output_device)
 
     fast = args.td_fast == "on"
@@ -271,12 +274,14 @@ def make_cases(args, vae, tiled_vae, td, latent, image, ways=None):
         ("decode", "ours"): lambda: ours_decode("ours"),
         ("decode", "ours-ram"): lambda: ours_decode("ours-ram"),
         ("decode", "ours-spill"): lambda: ours_decode("ours-spill"),
+        ("decode", "ours-local"): lambda: ours_decode("ours-local"),
         ("decode", "td"): lambda: td_run(td, vae, "decode", args.tile, fast, latent),
         ("encode", "untiled"): lambda: vae.encode(image),
         ("encode", "host"): lambda: vae.encode_tiled(image, tile_x=args.tile, tile_y=args.tile, overlap=args.overlap),
         ("encode", "ours"): lambda: ours_encode("ours"),
         ("encode", "ours-ram"): lambda: ours_encode("ours-ram"),
         ("encode", "ours-spill"): lambda: ours_encode("ours-spill"),
+        ("encode", "ours-local"): lambda: ours_encode("ours-local"),
         ("encode", "td"): lambda: td_run(td, vae, "encode", args.tile, fast, image),
     }
 

@@ -319,6 +319,8 @@ def main():
                         "its column and ours with step_semantics=comfyui (its 16 steps), loaded by this bench only")
     parser.add_argument("--usdu-label", default="", help="the peer-usdu.sh line naming both commits, printed")
     parser.add_argument("--skip-builtins", action="store_true", help="with --usdu-folder: only USDU and ours")
+    parser.add_argument("--cases", nargs="+", help="run only these of the cases the other flags select (e.g. usdu "
+                        "astria-cui astria-loc)")
     parser.add_argument("--local-vae-attention", action="store_true", help="with --usdu-folder: add ours with "
                         "comfyui semantics and vae_attention=local, and its pixel difference to the exact one")
     args = parser.parse_args()
@@ -331,6 +333,7 @@ def main():
             cases = [case for case in cases if not (args.skip_builtins and case[0] == "built-ins")]
             cases += [("usdu", usdu_graph), ("astria-cui", astria_comfyui_graph)]
             cases += [("astria-loc", astria_local_graph)] if args.local_vae_attention else []
+        cases = [case for case in cases if not args.cases or case[0] in args.cases]
         for name, graph_for in cases:
             peers = [args.usdu_folder] if name == "usdu" else []
             row = run_case(name, graph_for, size, args.gpu, args.comfy_args.split(), peers)

@@ -2,9 +2,9 @@
 
 ComfyUI picks one attention function at start-up; on a CPU (no CUDA, no `--use-pytorch-cross-attention`) that is
 `attention_sub_quad`, a chunked attention written as many small tensor ops. PyTorch's fused SDPA (the host's
-`attention_pytorch`) gives the same result (1.5e-6 max abs on the tiny UNet) and on 2 CPU cores took 0.80x the
-UNet's time per 768 px tile (96 x 96 latent) and 0.97x per 512 px tile (bench/unet_attention.py, measured beside another job: to be re-measured): the
-attention's share grows with the tile. So our tiled sampling, on the CPU only, swaps that one function for the
+`attention_pytorch`) gives the same result (1.4-1.8e-6 max abs on the tiny UNet) in 0.80-0.90x the UNet's time
+per 512-768 px tile on 2 CPU cores (bench/unet_attention.py; docs/performance.md). So our tiled sampling, on the
+CPU only, swaps that one function for the
 host's SDPA one through the host's `optimized_attention_override` hook, chained: an override another pack already
 set still runs, with our choice of function passed on to it. A user's explicit `--use-quad-cross-attention` or
 `--use-split-cross-attention` is kept, and nothing changes on a GPU.

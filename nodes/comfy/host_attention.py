@@ -4,10 +4,10 @@ ComfyUI picks one attention function at start-up; on a CPU (no CUDA, no `--use-p
 `attention_sub_quad`, a chunked attention written as many small tensor ops. PyTorch's fused SDPA (the host's
 `attention_pytorch`) gives the same result (1.4-1.8e-6 max abs on the tiny UNet) in 0.80-0.90x the UNet's time
 per 512-768 px tile on 2 CPU cores (bench/unet_attention.py; docs/performance.md). So our tiled sampling, on the
-CPU only, swaps that one function for the
-host's SDPA one through the host's `optimized_attention_override` hook, chained: an override another pack already
-set still runs, with our choice of function passed on to it. A user's explicit `--use-quad-cross-attention` or
-`--use-split-cross-attention` is kept, and nothing changes on a GPU.
+CPU only, swaps that one function for the host's SDPA one through the host's
+`optimized_attention_override` hook, chained: an override another pack already set still runs, with our choice of
+function passed on to it. A user's explicit `--use-quad-cross-attention` or `--use-split-cross-attention` is kept,
+and nothing changes on a GPU.
 """
 import logging
 

@@ -167,6 +167,22 @@ def check_fits_in_memory(width, height, batch, vae, tile_size, extra_stages=(), 
     return encode_plan, decode_plan
 
 
+def park(image):
+    """`image` copied into an unlinked spill file whose pages go back to the kernel (they are read back on use), so
+    the decode that needs the RAM runs without it; `image` itself where no spill file can be made."""
+    folder = spill_directory()
+    if not folder or spill_folder_in_ram(folder):
+        return image
+    store = tiled_vae.SpillStore(folder)
+    try:
+        parked = store.empty(tuple(image.shape), image.dtype, channels_last=False)
+    except OSError:  # a full disk: keep it in RAM (the memory check counted it there)
+        return image
+    parked.copy_(image)
+    store.release()
+    return parked
+
+
 def _with_oom_retry(run_ours, run_host, tile_size, what):
     """Our exact path with tile_size; on a GPU out-of-memory error retry once with half the tile, and if that fails
     too, the host's tiled VAE at half the tile. Each step is said in the log."""

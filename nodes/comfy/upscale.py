@@ -135,7 +135,8 @@ def only_upscale(job):
     width, height = img2img.target_size(in_width, in_height, job.scale, job.width, job.height)
     vae_tile = min(job.tile_size, VAE_TILE_PX)
     local_attention = job.vae_attention == "local"
-    host_vae.check_fits_in_memory(width, height, batch, job.vae, vae_tile, _stage_memory(job), local_attention)
+    _, decode_plan = host_vae.check_fits_in_memory(width, height, batch, job.vae, vae_tile, _stage_memory(job),
+                                                   local_attention)
     upscaled = upscale_pixels(job.image, width, height, job.upscale_model)
     comfy.model_management.throw_exception_if_processing_interrupted()
     sigmas = schedule_sigmas(job.model, job.steps, job.denoise, job.sampler_name, job.scheduler, job.step_semantics)
@@ -154,11 +155,14 @@ def only_upscale(job):
     samples = comfy.sample.sample(model, noise, steps_to_run, job.cfg, job.sampler_name, job.scheduler, positive,
                                   negative, latent, sigmas=sigmas, callback=callback, seed=job.seed,
                                   disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
-    del latent, noise
+    del latent, noise, positive, negative, padded  # the conditioning holds the ControlNet's hint (the padded image)
+    # only the colour fix reads the upscaled image again: where the decode spills, it waits in a spill file too
+    reference = None if job.color_fix == "none" else (
+        host_vae.park(upscaled) if decode_plan.way == "spill" else upscaled)
+    del upscaled
     decoded = host_vae.decode(job.vae, samples, vae_tile, notes=job.notes, local_attention=local_attention)
     decoded = img2img.crop_to(decoded, original).clamp_(0, 1)
-    del padded
-    return img2img.color_fix(decoded, upscaled, job.color_fix)
+    return img2img.color_fix(decoded, reference, job.color_fix)
 
 
 def upscale_widget_inputs():

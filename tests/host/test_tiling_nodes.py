@@ -160,6 +160,51 @@ def test_a_budget_too_small_for_activations_in_ram_spills_them_and_stays_exact(c
     assert (decoded - untiled).abs().max().item() < tolerance
 
 
+def _resident_kib(address):
+    """Resident KiB of the memory mapping holding `address`, from /proc/self/smaps."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:
+            start, end = (int(part, 16) for part in fields[0].split("-"))
+            inside = start <= address < end
+        elif inside and fields[0] == "Rss:":
+            return int(fields[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_a_spilled_decode_parks_the_colour_fix_reference_in_a_spill_file(comfy_host, sd15_pixel, monkeypatch,
+                                                                         tmp_path):
+    """Where the only-upscale's decode spills, the upscaled image only the colour fix reads again waits in a spill
+    file with no resident pages while the decode runs, and the result is the one it gives held in RAM."""
+    from .test_only_upscale import upscale
+
+    host_vae = comfy_host.pack_module.nodes.comfy.host_vae
+    tiled_vae = comfy_host.pack_module.nodes.core.tiled_vae
+    model, clip, vae = sd15_pixel
+    image = picture(96, 96, seed=3)
+    monkeypatch.setattr(tiled_vae, "SPILL_RESIDENT_BYTES", 2**20)
+    needs = _vae_needs(comfy_host, vae, (1, 4, 24, 24), False, 256)  # the 192 px result's decode, as the node runs it
+    assert needs.spilled_ram < needs.in_ram
+    monkeypatch.setenv("ASTRIA_MEMORY_BUDGET_MB", _budget_mb((needs.spilled_ram + needs.in_ram) // 2))
+    monkeypatch.setenv("ASTRIA_SPILL_DIR", str(tmp_path))
+    parked, resident_during_decode = [], []
+    real_park, real_decode = host_vae.park, tiled_vae.tiled_decode
+    monkeypatch.setattr(host_vae, "park", lambda picture_: parked.append(real_park(picture_)) or parked[-1])
+
+    def decode_noting_the_parked_pages(*args, **kwargs):
+        resident_during_decode.extend(_resident_kib(held.data_ptr()) for held in parked)
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(tiled_vae, "tiled_decode", decode_noting_the_parked_pages)
+    widgets = dict(scale=2.0, denoise=0.3, seed=4, tile_size=256, color_fix="wavelet")
+    out = upscale(comfy_host, model, clip, vae, image, **widgets)
+    assert len(parked) == 1 and parked[0].shape == (1, 192, 192, 3)
+    assert resident_during_decode == [0]
+    monkeypatch.setattr(host_vae, "park", lambda picture_: picture_)
+    assert torch.equal(out, upscale(comfy_host, model, clip, vae, image, **widgets))
+
+
 def test_without_spilling_a_small_budget_runs_the_hosts_tiled_vae_and_says_it_is_inexact(comfy_host, sd15_pixel,
                                                                                           monkeypatch, caplog):
     import logging

@@ -403,15 +403,18 @@ def _halo(conv) -> int:
 
 
 def _same_layer(source: _Activation, out_channels: int, settings: _Settings, compute, halo: int,
-                extra: Callable | None = None, target: _Activation | None = None) -> _Activation:
-    """out[region] = compute(source[region + halo])[cropped] (+ extra(region)), tile by tile, written to target."""
+                extra: Callable | None = None, target: _Activation | None = None, regions=None) -> _Activation:
+    """out[region] = compute(source[region + halo], *context)[cropped] (+ extra(region)), region by region, written
+    to target; `regions` yields (rows, cols, *context) (default: `_tiles` at the layer's side, no context)."""
     b, c, h, w = source.shape
     out = target or _Activation(b, out_channels, h, w, settings)
-    for rows, cols in _tiles(h, w, _side(settings, max(c, out_channels))):
+    if regions is None:
+        regions = _tiles(h, w, _side(settings, max(c, out_channels)))
+    for rows, cols, *context in regions:
         settings.tick()
         grown_rows, top, bottom = _grow(rows, halo, h)
         grown_cols, left, right = _grow(cols, halo, w)
-        tile = _crop(compute(source.read(grown_rows, grown_cols, settings)), top, bottom, left, right)
+        tile = _crop(compute(source.read(grown_rows, grown_cols, settings), *context), top, bottom, left, right)
         if extra is not None:
             tile.add_(extra(rows, cols))  # compute returned a fresh tensor, so adding in place is safe
         out.write(rows, cols, tile)
@@ -501,13 +504,11 @@ def _attention(source: _Activation, block, settings: _Settings) -> _Activation:
 
     # out[region] needs source only at region (keys and values are already whole), so overwrite it in place
     target = _Activation(*source.shape, settings, source.data)
-    if settings.local_attention:
-        for rows, cols, window_rows, window_cols in _local_windows(h, w):
-            settings.tick()
-            index = _flat_index(window_rows, window_cols, w, settings.device)
-            target.write(rows, cols, attend(source.read(rows, cols, settings), keys[:, :, index], values[:, :, index]))
-            settings.advance()
-        out = target
+    if settings.local_attention:  # each query block with the flat index of its window's keys
+        windows = ((rows, cols, _flat_index(window_rows, window_cols, w, settings.device))
+                   for rows, cols, window_rows, window_cols in _local_windows(h, w))
+        out = _same_layer(source, c, settings, lambda tile, index: attend(tile, keys[:, :, index], values[:, :, index]),
+                          0, target=target, regions=windows)
     else:
         out = _same_layer(source, c, settings, lambda tile: attend(tile, keys, values), 0, target=target)
     source.data = None

@@ -152,7 +152,9 @@ def _plan(vae, shape, encode, tile_size, ours):
 def check_fits_in_memory(width, height, batch, vae, tile_size, extra_stages=(), local_attention=False):
     """Refuse, before anything is allocated, an only-upscale whose images plus its largest stage's working memory
     (the tiled VAE encode and decode as they will run, and `extra_stages`: (name, bytes)) cannot fit the RAM
-    budget, saying how much it needs and what to change. Returns the encode and decode plans."""
+    budget, saying how much it needs and what to change. Returns the encode and decode plans as they look now
+    (`encode` and `decode` plan again when they run: the RAM free then is what counts, the sampler's models come
+    and go in between)."""
     images = width * height * batch * BYTES_PER_PIXEL_HELD
     budget = memory_budget()
     fix = "lower the scale or the batch size (or free RAM)"

@@ -1,5 +1,6 @@
 """MultiDiffusion (our tile planner and blender) on the host's model objects: a model clone whose sampling steps
 denoise overlapping latent tiles."""
+import contextlib
 import logging
 import weakref
 
@@ -9,6 +10,7 @@ import comfy.utils
 
 from ..core import multidiffusion, tiling
 from .host_attention import with_sdpa_on_cpu
+from .host_memory_format import channels_last_convolutions
 from .host_runtime import memory_budget, raise_if_interrupted, refuse_unless_fits, release_failed_try
 
 log = logging.getLogger("astria")
@@ -63,7 +65,8 @@ def with_tiled_diffusion(model, tile_size, overlap=tiling.DEFAULT_OVERLAP, tile_
     It is a composable `calc_cond_batch` wrapper (not the single `sampler_calc_cond_batch_function` slot): wrappers
     installed before it run once per step around it, those installed after it run once per tile batch. EasyCache's
     per-step state cannot follow tiles, so a tiled run leaves EasyCache out, with a warning. On the CPU a tiled run's UNet
-    attention goes through the host's SDPA function instead of its sub-quadratic default (host_attention.py)."""
+    attention goes through the host's SDPA function instead of its sub-quadratic default (host_attention.py) and its
+    convolutions run channels_last for the step (host_memory_format.py)."""
     current = {"tile": tile_size, "batch": tile_batch_size, "retried": False}
     warned = weakref.WeakSet()  # EasyCache holders (one per sampling run) already warned about
 
@@ -86,6 +89,13 @@ def with_tiled_diffusion(model, tile_size, overlap=tiling.DEFAULT_OVERLAP, tile_
                         "EasyCache out of tiled runs, or use LazyCache, which works on the whole latent.")
         return _without_easycache(model_options)
 
+    def tiled_step(executor, model, conds, x, sigma, model_options):
+        layout = contextlib.nullcontext()
+        if x.device.type == "cpu" and len(plan_for(*x.shape[-2:])) > 1:
+            layout = channels_last_convolutions(model.diffusion_model)
+        with layout:
+            return tiled[0](executor, model, conds, x, sigma, model_options)
+
     def wrapper(executor, model, conds, x, sigma, model_options):
         if len(plan_for(*x.shape[-2:])) > 1:  # one tile runs untouched: the host's own sampling, bit for bit
             model_options = with_sdpa_on_cpu(model_options)
@@ -97,9 +107,9 @@ def with_tiled_diffusion(model, tile_size, overlap=tiling.DEFAULT_OVERLAP, tile_
                                "lower the image size or the batch size (or free RAM)")
             current["checked"] = True
         if current["retried"]:
-            return tiled[0](executor, model, conds, x, sigma, model_options)
+            return tiled_step(executor, model, conds, x, sigma, model_options)
         try:
-            return tiled[0](executor, model, conds, x, sigma, model_options)
+            return tiled_step(executor, model, conds, x, sigma, model_options)
         except comfy.model_management.OOM_EXCEPTION:
             pass  # retried below, outside the handler, so the failed try's tensors can be freed first
         current.update(tile=max(256, current["tile"] // 2), batch=1, retried=True)
@@ -107,7 +117,7 @@ def with_tiled_diffusion(model, tile_size, overlap=tiling.DEFAULT_OVERLAP, tile_
                     current["tile"])
         release_failed_try()
         tiled[0] = build()
-        return tiled[0](executor, model, conds, x, sigma, model_options)
+        return tiled_step(executor, model, conds, x, sigma, model_options)
 
     patched = model.clone()
     patched.remove_wrappers_with_key(CALC_COND_BATCH, WRAPPER_KEY)  # a second Tiled Diffusion node replaces the first

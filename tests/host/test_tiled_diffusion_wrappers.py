@@ -1,5 +1,7 @@
 """Astria Tiled Diffusion composes with other packs: a `calc_cond_batch` wrapper among the host's other wrappers,
 a node that writes the single `sampler_calc_cond_batch_function` slot, and ComfyUI's EasyCache in both orders."""
+import contextlib
+
 import pytest
 import torch
 
@@ -174,3 +176,53 @@ def test_tiled_sampling_on_the_cpu_runs_the_unet_attention_through_sdpa_and_keep
     monkeypatch.setattr(comfy.cli_args.args, "use_quad_cross_attention", False)
     sample(comfy_host, tiled(comfy_host, with_attention_recorder(model, seen)), clip, shape=SMALL_LATENT, steps=1)
     assert seen and set(seen) == {"attention_sub_quad"}  # one tile runs untouched, the host's own sampling
+
+
+def with_layout_recorder(model, layouts, fail_on_call=None):
+    """A clone whose diffusion-model wrapper records, per UNet call, whether every 3x3 convolution weight is
+    channels_last (and raises on call number `fail_on_call`, counting from 1)."""
+    import comfy.patcher_extension
+
+    def recorder(executor, *args, **kwargs):
+        unet = executor.class_obj
+        layouts.append(all(p.is_contiguous(memory_format=torch.channels_last)
+                           for p in unet.parameters() if p.ndim == 4 and p.shape[-1] > 1))
+        if len(layouts) == fail_on_call:
+            raise RuntimeError("stopped by the test")
+        return executor(*args, **kwargs)
+
+    clone = model.clone()
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test-layout", recorder)
+    return clone
+
+
+def test_tiled_sampling_on_the_cpu_runs_the_unet_convolutions_channels_last_then_restores_the_weights(
+        comfy_host, sd15_pixel, tiled_alone, monkeypatch):
+    from comfyui_astria.tests.support import paths
+
+    if not paths.HOST_ON_CPU:
+        pytest.skip("the layout change is for the CPU only")
+    model, clip, _ = sd15_pixel
+    unet = model.model.diffusion_model
+    before = {name: p.detach().clone() for name, p in unet.named_parameters() if p.ndim == 4}
+    layouts = []
+    tiled_result = sample(comfy_host, tiled(comfy_host, with_layout_recorder(model, layouts)), clip, steps=1)
+    assert layouts and all(layouts), layouts  # every tile's UNet call ran on channels_last weights
+    for name, p in unet.named_parameters():
+        if p.ndim == 4:  # afterwards the weights are as they were: layout and values
+            assert p.is_contiguous() and torch.equal(p, before[name]), name
+    layouts.clear()
+    sample(comfy_host, with_layout_recorder(model, layouts), clip, steps=1)
+    assert layouts and not any(layouts)  # the host's own (untiled) sampling: the model's own layout
+    layouts.clear()
+    sample(comfy_host, tiled(comfy_host, with_layout_recorder(model, layouts)), clip, shape=SMALL_LATENT, steps=1)
+    assert layouts and not any(layouts)  # one tile runs untouched
+    layouts.clear()
+    with pytest.raises(Exception, match="stopped by the test"):
+        sample(comfy_host, tiled(comfy_host, with_layout_recorder(model, layouts, fail_on_call=2)), clip, steps=1)
+    assert all(p.is_contiguous() for p in unet.parameters())  # restored when a step stops half way
+    host_diffusion = comfy_host.pack_module.nodes.comfy.host_diffusion
+    monkeypatch.setattr(host_diffusion, "channels_last_convolutions", lambda _: contextlib.nullcontext())
+    default_layout = sample(comfy_host, tiled(comfy_host, model), clip, steps=1)
+    difference = (default_layout - tiled_result).abs().max().item() / tiled_result.abs().max().item()
+    assert difference < 1e-5, difference  # the same result to float rounding

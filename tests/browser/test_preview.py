@@ -237,6 +237,30 @@ def test_the_templates_dialog_lists_the_pack_under_its_label_with_readable_title
     assert hidden == [], f"node titles under the menus or off screen: {hidden}"
 
 
+def test_the_vae_attention_widget_offers_exact_by_default_and_local_reaches_the_queued_prompt(page, frontend):
+    _, browser_server, _ = frontend
+    info = browser_server.get("/object_info/AstriaOnlyUpscaleFromPrompt")["AstriaOnlyUpscaleFromPrompt"]["input"][
+        "optional"]["vae_attention"][-1]
+    shown = page.evaluate("""() => {
+      const node = window.app.graph._nodes.find((n) => n.type === "AstriaOnlyUpscaleFromPrompt");
+      const widget = node.widgets.find((w) => w.name === "vae_attention");
+      return widget && { value: widget.value, values: widget.options.values };
+    }""")
+    assert shown == {"value": "exact", "values": ["exact", "local"]}, shown
+    assert "not exact" in info["tooltip"]
+    chosen = page.evaluate("""async () => {
+      const node = window.app.graph._nodes.find((n) => n.type === "AstriaOnlyUpscaleFromPrompt");
+      const widget = node.widgets.find((w) => w.name === "vae_attention");
+      widget.value = "local";
+      widget.callback?.(widget.value);
+      const { output } = await window.app.graphToPrompt();
+      widget.value = "exact";  // the page is shared: leave workflow 1 as it was
+      widget.callback?.(widget.value);
+      return output[String(node.id)].inputs.vae_attention;
+    }""")
+    assert chosen == "local"
+
+
 def test_queueing_workflow_one_shows_the_output_image(page, frontend):
     if page.frontend == "newest-nodes2":
         pytest.skip("the run is the same graph as on the classic canvas of this frontend (kept out for CI time)")

@@ -22,7 +22,8 @@ choice (bf16 on recent cards) unless --vae-dtype says otherwise.
 
 `ours` runs the way the nodes plan it (`host_vae.plan`: activations in RAM while the working memory takes at most
 2 GB, else spilled to a temporary file; the row names the way); `ours-ram` and `ours-spill` (only when asked for with
---modes) force one way; `ours-local` (only when asked for) runs the planned way with the opt-in local attention
+--modes) force one way; `ours-spill-keys-whole` (only when asked for) is `ours-spill` with the exact attention's keys
+and values read whole by every query chunk, as before the key-block sweep (for the side-by-side); `ours-local` (only when asked for) runs the planned way with the opt-in local attention
 (vae_attention=local: each 512 px block attends to the 1024 px around it; not exact). CPU rows also give the peak RssAnon (sampled every 20 ms): resident memory without mapped
 file pages, i.e. without the spill file's pages, which the kernel may write out and drop at any time.
 
@@ -60,7 +61,7 @@ import torch
 PACK_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_COMFY = os.environ.get("COMFYUI_PATH", str(Path.home() / ".cache/comfyui-astria/host-0.3.75/ComfyUI"))
 """The ComfyUI tree the benches import: COMFYUI_PATH, else the one ./scripts/test builds."""
-MODES = ["untiled", "host", "ours", "ours-ram", "ours-spill", "ours-local", "td"]
+MODES = ["untiled", "host", "ours", "ours-ram", "ours-spill", "ours-spill-keys-whole", "ours-local", "td"]
 WARMUP_SIZE = 256
 TD_PACKAGE = "_td_bench"  # private name: TiledDiffusion's folder never becomes an importable top-level package
 
@@ -245,7 +246,7 @@ def make_cases(args, vae, tiled_vae, td, latent, image, ways=None):
     def way(mode, shape, encode):
         if mode == "ours-local":
             return host_vae.plan(vae, shape, encode, args.tile, local_attention=True).way + " local attention"
-        if mode == "ours-spill":
+        if mode in ("ours-spill", "ours-spill-keys-whole"):
             return "spill"
         if mode == "ours-ram" or vae.device.type != "cpu":
             return "ram"
@@ -254,13 +255,19 @@ def make_cases(args, vae, tiled_vae, td, latent, image, ways=None):
     def store(chosen):
         return tiled_vae.SpillStore() if chosen.startswith("spill") else None
 
+    def keys_whole(mode):
+        if mode == "ours-spill-keys-whole":  # the attention as before the key-block sweep
+            tiled_vae._streams_keys = lambda settings: False
+
     def ours_decode(mode):
+        keys_whole(mode)
         chosen = ways[mode] = way(mode, tuple(latent.shape), False)
         raw = tiled_vae.tiled_decode(model, latent.to(vae.vae_dtype), tile_size=args.tile, device=vae.device,
                                      spill=store(chosen), local_attention=mode == "ours-local")
         return vae.process_output(raw).movedim(1, -1).to(vae.output_device)
 
     def ours_encode(mode):
+        keys_whole(mode)
         pixels = vae.process_input(vae.vae_encode_crop_pixels(image).movedim(-1, 1))
         chosen = ways[mode] = way(mode, tuple(pixels.shape), True)
         out = tiled_vae.tiled_encode(model, pixels.to(vae.vae_dtype), tile_size=args.tile, device=vae.device,
@@ -274,6 +281,7 @@ def make_cases(args, vae, tiled_vae, td, latent, image, ways=None):
         ("decode", "ours"): lambda: ours_decode("ours"),
         ("decode", "ours-ram"): lambda: ours_decode("ours-ram"),
         ("decode", "ours-spill"): lambda: ours_decode("ours-spill"),
+        ("decode", "ours-spill-keys-whole"): lambda: ours_decode("ours-spill-keys-whole"),
         ("decode", "ours-local"): lambda: ours_decode("ours-local"),
         ("decode", "td"): lambda: td_run(td, vae, "decode", args.tile, fast, latent),
         ("encode", "untiled"): lambda: vae.encode(image),
@@ -281,6 +289,7 @@ def make_cases(args, vae, tiled_vae, td, latent, image, ways=None):
         ("encode", "ours"): lambda: ours_encode("ours"),
         ("encode", "ours-ram"): lambda: ours_encode("ours-ram"),
         ("encode", "ours-spill"): lambda: ours_encode("ours-spill"),
+        ("encode", "ours-spill-keys-whole"): lambda: ours_encode("ours-spill-keys-whole"),
         ("encode", "ours-local"): lambda: ours_encode("ours-local"),
         ("encode", "td"): lambda: td_run(td, vae, "encode", args.tile, fast, image),
     }

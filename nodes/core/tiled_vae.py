@@ -8,10 +8,11 @@ layers (a half compute dtype's tiles as computed; float32 ones in float16 when l
 intermediate of the untiled graph.
 
 Where those full activations do not fit the memory budget, a `SpillStore` keeps them in a temporary file mapped into
-memory instead: the same arithmetic (so the same result), and the pages each tile touched are handed back to the
-kernel every `SPILL_RESIDENT_BYTES`, so the process holds only tiles, the mid-block attention's keys and values,
-and the output; the kernel caches the file in free RAM and writes it to disk when RAM is short (`memory_needs` says
-how much of each a run takes).
+memory instead: the same arithmetic (so the same result, the mid-block attention's sum split over blocks of keys),
+and the pages each tile touched are handed back to the kernel every `SPILL_RESIDENT_BYTES`, so the process holds
+only tiles, one block of the attention's keys and values, and the output, whatever the image's size; the kernel
+caches the files in free RAM and writes them to disk when RAM is short (`memory_needs` says how much of each a run
+takes).
 Tile inputs are copied into scratch buffers reused from tile to tile (a fresh large tensor per tile costs a page
 fault per 4 KiB), and the run uses channels_last on CPU, where oneDNN's convs are fastest.
 
@@ -50,6 +51,12 @@ LOCAL_ATTENTION_HALO = 32
 """Local attention: a query block's window reaches this many positions beyond it on each side (256 px), so it sees
 128 x 128 keys (1024 px) instead of the whole image's: a 2048 px image's attention takes ~0.19x the exact one's work,
 an 8192 px image's ~0.016x (the exact attention grows with the area squared, the local one with the area)."""
+KEY_BLOCK_BYTES = 64 * 2**20
+"""A spilled run's exact attention copies the keys and values out of the spill files in blocks of this many bytes
+(both together: 16384 positions at 512 channels) and sweeps every query over each block, merging the blocks'
+results by their log-sum-exp (`_attend_in_key_blocks`). So the keys and values the process holds stop growing with
+the image: read whole by every query chunk, they were all resident mapped pages (1 GiB at a 4096 px decode, 4 GiB at
+8192 px, counted in RSS)."""
 SPILL_RESIDENT_BYTES = 256 * 2**20
 """A spilled run hands the file pages it touched back to the kernel after about this many bytes of tiles."""
 TILE_COPIES = 8
@@ -470,15 +477,18 @@ def _resnet(source: _Activation, block, settings: _Settings) -> _Activation:
 
 def _attention(source: _Activation, block, settings: _Settings) -> _Activation:
     """Self-attention, exact (every position attends to all of them) with queries in chunks and keys/values kept
-    whole; or, with `settings.local_attention`, each query block attends to its window only (`_local_windows`)."""
+    whole (in RAM), or swept block by block over the keys (`_attend_in_key_blocks`, a spilled run); or, with
+    `settings.local_attention`, each query block attends to its window only (`_local_windows`)."""
     b, c, h, w = source.shape
     stats = source.group_stats(block.norm)
+    streamed = _streams_keys(settings)
     if settings.spill is not None:  # they grow with the image (64 bytes per output pixel): in the files too
         keys = settings.spill.empty((b, 1, h * w, c), settings.dtype, channels_last=False)
         values = settings.spill.empty((b, 1, h * w, c), settings.dtype, channels_last=False)
     else:
         keys = torch.empty(b, 1, h * w, c, dtype=settings.dtype, device=settings.device)
         values = torch.empty_like(keys)
+    queries = settings.spill.empty((b, 1, h * w, c), settings.dtype, channels_last=False) if streamed else None
     side = _side(settings, c)
     for rows, cols in _tiles(h, w, side):
         settings.tick()
@@ -486,6 +496,8 @@ def _attention(source: _Activation, block, settings: _Settings) -> _Activation:
         index = _flat_index(rows, cols, w, settings.device)
         keys[:, 0, index] = _positions(block.k(normed))
         values[:, 0, index] = _positions(block.v(normed))
+        if queries is not None:
+            queries[:, 0, index] = _positions(block.q(normed))
         settings.advance()
 
     def attend(tile, keys, values):
@@ -498,13 +510,22 @@ def _attention(source: _Activation, block, settings: _Settings) -> _Activation:
             if i:
                 settings.count()  # and progress: one unit per chunk (the tile's last one is its advance)
             parts.append(F.scaled_dot_product_attention(queries[:, :, i:i + chunk], keys, values))
+        return _projected(tile, torch.cat(parts, dim=2))
+
+    def _projected(tile, attended):
         b, c, h, w = tile.shape
-        attended = torch.cat(parts, dim=2)[:, 0].view(b, h, w, c).permute(0, 3, 1, 2)  # channels_last, no copy
+        attended = attended[:, 0].reshape(b, h, w, c).permute(0, 3, 1, 2).to(tile.dtype)  # channels_last, no copy
         return tile + block.proj_out(attended)
 
     # out[region] needs source only at region (keys and values are already whole), so overwrite it in place
     target = _Activation(*source.shape, settings, source.data)
-    if settings.local_attention:  # each query block with the flat index of its window's keys
+    if streamed:
+        attended = _attend_in_key_blocks(queries, keys, values, settings)
+        del queries, keys, values  # their files go with them
+        regions = ((rows, cols, _flat_index(rows, cols, w, settings.device)) for rows, cols in _tiles(h, w, side))
+        out = _same_layer(source, c, settings, lambda tile, index: _projected(tile, attended[:, :, index]), 0,
+                          target=target, regions=regions)
+    elif settings.local_attention:  # each query block with the flat index of its window's keys
         windows = ((rows, cols, _flat_index(window_rows, window_cols, w, settings.device))
                    for rows, cols, window_rows, window_cols in _local_windows(h, w))
         out = _same_layer(source, c, settings, lambda tile, index: attend(tile, keys[:, :, index], values[:, :, index]),
@@ -512,6 +533,66 @@ def _attention(source: _Activation, block, settings: _Settings) -> _Activation:
     else:
         out = _same_layer(source, c, settings, lambda tile: attend(tile, keys, values), 0, target=target)
     source.data = None
+    return out
+
+
+def _streams_keys(settings: _Settings) -> bool:
+    """Whether the exact attention sweeps the keys in blocks: a spilled run (on the CPU), where keys and values
+    read whole by every query chunk would be resident file pages as large as the image's."""
+    return settings.spill is not None and not settings.local_attention and settings.device.type == "cpu"
+
+
+def _key_block(positions: int, channels: int, element_size: int) -> int:
+    """Keys per block of a key-block sweep (`KEY_BLOCK_BYTES` of keys and values together)."""
+    return max(1, min(positions, KEY_BLOCK_BYTES // (2 * channels * element_size)))
+
+
+def attention_with_lse(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
+    """Softmax attention (default 1/sqrt(C) scale) and each query's log-sum-exp of its scores, float32: PyTorch's CPU
+    flash kernel where it has one, else the same in plain tensor ops."""
+    kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if kernel is not None and queries.device.type == "cpu" and queries.dtype == torch.float32:
+        out, lse = kernel(queries, keys, values)
+        return out, lse
+    scores = (queries.float() @ keys.float().transpose(-1, -2)) * queries.shape[-1] ** -0.5
+    lse = torch.logsumexp(scores, dim=-1)
+    return (scores - lse[..., None]).exp_() @ values.float(), lse
+
+
+def _attend_in_key_blocks(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                          settings: _Settings) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(C)) V for (B, 1, N, C) queries/keys/values in spill files, holding one block of keys and
+    values in RAM at a time: every query chunk attends to the block, and each chunk's result so far is merged with
+    the block's by their log-sum-exp (exact up to float rounding). The result (float32) waits in a spill file, the
+    log-sum-exps (4 bytes a position) in RAM; touched file pages go back to the kernel as the sweep goes."""
+    b, _, n, c = keys.shape
+    block = _key_block(n, c, keys.element_size())
+    chunk = _query_chunk(block)
+    out = settings.spill.empty((b, 1, n, c), torch.float32, channels_last=False)
+    lse = torch.empty(b, 1, n, dtype=torch.float32)
+    touched = 0
+    for start in range(0, n, block):
+        key_block = keys[:, :, start:start + block].clone()  # anonymous copies: the files' pages go back below
+        value_block = values[:, :, start:start + block].clone()
+        settings.spill.release()
+        for i in range(0, n, chunk):
+            settings.tick()
+            part, part_lse = attention_with_lse(queries[:, :, i:i + chunk].contiguous(), key_block, value_block)
+            if start == 0:
+                out[:, :, i:i + chunk] = part
+                lse[:, :, i:i + chunk] = part_lse
+            else:
+                so_far = lse[:, :, i:i + chunk]
+                merged = torch.logaddexp(so_far, part_lse)
+                result = out[:, :, i:i + chunk]
+                result.mul_((so_far - merged).exp_()[..., None]).add_(part.mul_((part_lse - merged).exp_()[..., None]))
+                so_far.copy_(merged)
+            settings.count()
+            touched += 2 * part.numel() * 4
+            if touched >= SPILL_RESIDENT_BYTES:
+                settings.spill.release()
+                touched = 0
+    settings.spill.release()
     return out
 
 
@@ -527,8 +608,13 @@ def _query_chunk(keys: int) -> int:
 
 
 def _attention_units(h: int, w: int, c: int, settings: _Settings) -> int:
-    """Progress units of an attention step: its key/value tiles, then one per query chunk of each query tile."""
+    """Progress units of an attention step: its key/value tiles, then one per query chunk of each query tile (or of
+    each key block's sweep, then the output tiles)."""
     side = _side(settings, c)
+    if _streams_keys(settings):
+        block = _key_block(h * w, c, torch.empty(0, dtype=settings.dtype).element_size())
+        sweeps = math.ceil(h * w / block) * math.ceil(h * w / _query_chunk(block))
+        return 2 * _count(h, w, side) + sweeps
     if settings.local_attention:
         queries = [(rows, cols, (wr.stop - wr.start) * (wc.stop - wc.start)) for rows, cols, wr, wc in
                    _local_windows(h, w)]
@@ -776,6 +862,10 @@ class VAEMemory:
     """The mid-block self-attention's whole keys and values plus one chunk of scores."""
     result: int
     """The float32 result, and the float32 copy of the input the first layer reads."""
+    sweep_file: int = 0
+    """A spilled run's exact attention (the key-block sweep) in its files: the queries and the float32 result."""
+    sweep_ram: int = 0
+    """A spilled run's exact attention in RAM: one block of keys and values, and a log-sum-exp per position."""
 
     @property
     def in_ram(self) -> int:
@@ -784,16 +874,17 @@ class VAEMemory:
 
     @property
     def spilled_ram(self) -> int:
-        """Anonymous RAM the run takes with its activations and the attention's keys and values in a `SpillStore`
-        (while one attention tile runs, the keys and values it reads are resident file pages on top)."""
-        return self.tiles + ATTENTION_SCORE_ELEMENTS * 4 + self.result + SPILL_RESIDENT_BYTES
+        """RAM the run takes with its activations, the attention's keys, values, queries and result in a `SpillStore`
+        (the file pages a stretch of tiles touched count until they are handed back, every `SPILL_RESIDENT_BYTES`)."""
+        return self.tiles + ATTENTION_SCORE_ELEMENTS * 4 + self.sweep_ram + self.result + SPILL_RESIDENT_BYTES
 
     @property
     def spill_file(self) -> int:
-        """File space a spilled run takes: its activations (float16, or the half compute dtype) and the attention's
-        keys and values. A float32 run whose values leave float16's range needs up to twice the activations; the
-        store reserves each file's blocks when it makes it, so a full disk is an OSError there, never a crash."""
-        return self.activations + self.attention
+        """File space a spilled run takes: its activations (float16, or the half compute dtype), the attention's
+        keys and values, and its sweep's queries and result. A float32 run whose values leave float16's range needs
+        up to twice the activations; the store reserves each file's blocks when it makes it, so a full disk is an
+        OSError there, never a crash."""
+        return self.activations + self.attention + self.sweep_file
 
 
 def memory_needs(first_stage_model, shape, encode: bool, tile_size: int | None = None,
@@ -803,16 +894,18 @@ def memory_needs(first_stage_model, shape, encode: bool, tile_size: int | None =
     steps = _steps(first_stage_model, encode)
     batch, channels, height, width = shape
     size = torch.empty(0, dtype=dtype).element_size()
-    attention = 0
+    attention = sweep_file = sweep_ram = 0
     for kind, _, (h, w, c), (out_h, out_w, out_c) in _shapes(steps, height, width, channels):
         if kind == "attention":
             attention = max(attention, 2 * batch * h * w * c * size + ATTENTION_SCORE_ELEMENTS * 4)
+            sweep_file = max(sweep_file, batch * h * w * c * (size + 4))
+            sweep_ram = max(sweep_ram, batch * _key_block(h * w, c, size) * 2 * c * size + batch * h * w * 4)
         last = out_h, out_w, out_c
     result = batch * (last[0] * last[1] * last[2] + channels * height * width) * 4
     largest_layer = max(c * h * w for _, _, _, (h, w, c) in _shapes(steps, height, width, channels))
     return VAEMemory(activations=stored_bytes(first_stage_model, shape, encode),
                      tiles=TILE_COPIES * min(_tile_elements(tile_size), batch * largest_layer) * max(4, size),
-                     attention=attention, result=result)
+                     attention=attention, result=result, sweep_file=sweep_file, sweep_ram=sweep_ram)
 
 
 def check_vae(first_stage_model) -> None:

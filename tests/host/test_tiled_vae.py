@@ -287,6 +287,72 @@ def test_spilled_activations_give_the_untiled_result_and_live_in_files(tmp_path,
     assert len(released) > 20
 
 
+def _spill_resident_kib(folder: str) -> int:
+    """Resident KiB of every memory mapping of a file in `folder` (the spill store's files), from /proc/self/smaps."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:
+            inside = len(fields) >= 6 and fields[5].startswith(folder)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+@pytest.mark.parametrize("encode", [False, True])
+def test_a_spilled_attention_sweeps_blocks_of_keys_and_equals_untiled(tmp_path, monkeypatch, encode):
+    """A spilled run's exact attention holds one block of keys and values at a time (copied out of the files) and
+    merges the blocks' results by their log-sum-exp: the result still matches untiled, the files' resident pages stay
+    below the size of the keys alone while it runs, and progress ends at its total."""
+    monkeypatch.setattr(tiled_vae, "SPILL_RESIDENT_BYTES", 2**16)
+    channels, positions = 64, 40 * 56  # the small VAE's mid block, at the latent's size
+    monkeypatch.setattr(tiled_vae, "KEY_BLOCK_BYTES", 2 * channels * 4 * 600)  # 600 keys a block: 4 blocks
+    monkeypatch.setattr(tiled_vae, "ATTENTION_SCORE_ELEMENTS", 600 * 500)  # 500 queries a call: 5 chunks
+    calls, resident = [], []
+    real = tiled_vae.attention_with_lse
+
+    def spy(queries, keys, values):
+        calls.append((queries.shape[2], keys.shape[2]))
+        resident.append(_spill_resident_kib(str(tmp_path)))
+        return real(queries, keys, values)
+
+    monkeypatch.setattr(tiled_vae, "attention_with_lse", spy)
+    vae = random_vae(0, **SMALL)
+    seen = []
+    store = tiled_vae.SpillStore(str(tmp_path))
+    with torch.no_grad():
+        if encode:
+            pixels = torch.rand(1, 3, 160, 224, generator=torch.Generator().manual_seed(12)) * 2 - 1
+            expected = vae.encode(pixels)
+            got = tiled_vae.tiled_encode(vae, pixels, tile_size=24, storage_dtype=torch.float32, spill=store,
+                                         progress=lambda done, total: seen.append((done, total)))
+        else:
+            latent = torch.randn(1, 4, 40, 56, generator=torch.Generator().manual_seed(13))
+            expected = vae.decode(latent)
+            got = tiled_vae.tiled_decode(vae, latent, tile_size=24, storage_dtype=torch.float32, spill=store,
+                                         progress=lambda done, total: seen.append((done, total)))
+    assert (got - expected).abs().max().item() < 1e-4
+    assert len(calls) == 4 * 5  # every query chunk against every block of keys
+    assert {keys for _, keys in calls} == {600, positions - 3 * 600}
+    assert {queries for queries, _ in calls} == {500, positions - 4 * 500}
+    keys_kib = positions * channels * 4 / 1024
+    assert max(resident) < keys_kib, (max(resident), keys_kib)  # the files' pages go back as the sweep goes
+    assert seen[-1][0] == seen[-1][1] == len(seen)
+
+
+def test_attention_with_lse_agrees_with_sdpa_and_logsumexp():
+    """The kernel path (float32 on the CPU) and the plain-ops path (any other dtype) give softmax attention and the
+    scores' log-sum-exp."""
+    generator = torch.Generator().manual_seed(14)
+    queries, keys, values = (torch.randn(1, 1, n, 16, generator=generator) for n in (50, 70, 70))
+    expected = torch.nn.functional.scaled_dot_product_attention(queries, keys, values)
+    expected_lse = torch.logsumexp(queries @ keys.transpose(-1, -2) / 4, dim=-1)
+    for dtype in (torch.float32, torch.float64):
+        out, lse = tiled_vae.attention_with_lse(queries.to(dtype), keys.to(dtype), values.to(dtype))
+        assert (out.float() - expected).abs().max().item() < 1e-5
+        assert (lse.float() - expected_lse).abs().max().item() < 1e-5
+
+
 def test_spilled_values_beyond_float16_switch_to_float32_files(tmp_path):
     vae = random_vae(0, **SMALL)
     with torch.no_grad():
@@ -306,4 +372,6 @@ def test_memory_needs_names_each_part():
     assert needs.attention == 2 * 64 * 64 * 512 * 4 + tiled_vae.ATTENTION_SCORE_ELEMENTS * 4  # mid-block keys/values
     assert needs.result == (3 * 512 * 512 + 4 * 64 * 64) * 4
     assert needs.tiles == tiled_vae.TILE_COPIES * 128 * 256 * 256 * 4
+    assert needs.sweep_file == 64 * 64 * 512 * (4 + 4)  # the key-block sweep's queries and float32 result
+    assert needs.sweep_ram == 64 * 64 * 512 * 4 * 2 + 64 * 64 * 4  # one block (all 4096 keys here) and the lse
     assert needs.spilled_ram < needs.in_ram

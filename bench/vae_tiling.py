@@ -348,6 +348,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-up-to", type=int, default=2048,
                     help="outputs above this size are not saved for the diff (no untiled reference fits there)")
+    ap.add_argument("--memory-model", action="store_true",
+                    help="only print the memory model (tiled_vae.memory_needs) of the SD VAE at --tile, 1024-8192 px")
     ap.add_argument("--case", nargs=3, metavar=("OP", "MODE", "SIZE"), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--vae-file", help=argparse.SUPPRESS)
@@ -356,6 +358,9 @@ def main() -> None:
     if args.case:
         args.op, args.mode, args.size = args.case[0], args.case[1], int(args.case[2])
         run_case(args)
+        return
+    if args.memory_model:
+        print_memory_model(args)
         return
     if args.modes is None:
         args.modes = ["untiled", "host", "ours"] + (["td"] if args.td_folder else [])
@@ -411,6 +416,25 @@ def bench_op(args, tmp: str, op: str, size: int) -> None:
             diffs = f"{'-':>9} {'-':>9}"
         print(f"{op:7} {size:5} {mode:10} {row['seconds']:8.2f} {time_ratio:>9} {row['peak_mib']:12.0f} "
               f"{mem_ratio:>9} {row['anon_mib']:8.0f} {diffs}  {row['dtype']} {row['way']}", flush=True)
+
+
+def print_memory_model(args) -> None:
+    """The tiled VAE's memory model (`tiled_vae.memory_needs`, float32) by kind, as docs/performance.md tabulates it."""
+    import_comfy(args.comfy, "cpu")
+    import_pack()
+    from comfyui_astria.nodes.core import tiled_vae
+    from comfyui_astria.tests.support.random_vae import random_vae
+    model = random_vae(0)
+    print(f"| op | size | activations | tiles | attention K/V + scores | result + input | in RAM | spilled: RAM | "
+          f"spill file |  (tile {args.tile} px)")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for size in (1024, 2048, 4096, 6144, 8192):
+        for op in ("decode", "encode"):
+            shape = (1, 3, size, size) if op == "encode" else (1, 4, size // 8, size // 8)
+            needs = tiled_vae.memory_needs(model, shape, op == "encode", args.tile)
+            cells = (needs.activations, needs.tiles, needs.attention, needs.result, needs.in_ram, needs.spilled_ram,
+                     needs.spill_file)
+            print(f"| {op} | {size} | " + " | ".join(f"{cell / 2**30:.2f} GiB" for cell in cells) + " |")
 
 
 def print_amplification() -> None:

@@ -524,9 +524,9 @@ def _attention(source: _Activation, block, settings: _Settings) -> _Activation:
             if i:
                 settings.count()  # and progress: one unit per chunk (the tile's last one is its advance)
             parts.append(F.scaled_dot_product_attention(queries[:, :, i:i + chunk], keys, values))
-        return _projected(tile, torch.cat(parts, dim=2))
+        return projected(tile, torch.cat(parts, dim=2))
 
-    def _projected(tile, attended):
+    def projected(tile, attended):
         b, c, h, w = tile.shape
         attended = attended[:, 0].reshape(b, h, w, c).permute(0, 3, 1, 2).to(tile.dtype)  # channels_last, no copy
         return tile + block.proj_out(attended)
@@ -540,7 +540,7 @@ def _attention(source: _Activation, block, settings: _Settings) -> _Activation:
         def project(tile, index):
             rows = attended[:, :, index]
             settings.touch(rows)
-            return _projected(tile, rows)
+            return projected(tile, rows)
 
         out = _same_layer(source, c, settings, project, 0, target=target, regions=regions)
     elif settings.local_attention:  # each query block with the flat index of its window's keys

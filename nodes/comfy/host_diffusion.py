@@ -89,18 +89,20 @@ def with_tiled_diffusion(model, tile_size, overlap=tiling.DEFAULT_OVERLAP, tile_
                         "EasyCache out of tiled runs, or use LazyCache, which works on the whole latent.")
         return _without_easycache(model_options)
 
-    def tiled_step(executor, model, conds, x, sigma, model_options):
-        layout = contextlib.nullcontext()
-        if x.device.type == "cpu" and len(plan_for(*x.shape[-2:])) > 1:
-            layout = channels_last_convolutions(model.diffusion_model)
-        with layout:
-            return tiled[0](executor, model, conds, x, sigma, model_options)
-
     def wrapper(executor, model, conds, x, sigma, model_options):
-        if len(plan_for(*x.shape[-2:])) > 1:  # one tile runs untouched: the host's own sampling, bit for bit
+        several_tiles = len(plan_for(*x.shape[-2:])) > 1  # one tile runs untouched: the host's own sampling
+        if several_tiles:
             model_options = with_sdpa_on_cpu(model_options)
             if _has_easycache(model_options):
                 model_options = bypass_easycache(model_options)
+
+        def tiled_step(executor, model, conds, x, sigma, model_options):
+            layout = contextlib.nullcontext()
+            if several_tiles and x.device.type == "cpu":
+                layout = channels_last_convolutions(model.diffusion_model)
+            with layout:
+                return tiled[0](executor, model, conds, x, sigma, model_options)
+
         if "checked" not in current:
             refuse_unless_fits(f"tiled diffusion of a {x.shape[-1] * 8}x{x.shape[-2] * 8} px image (batch "
                                f"{x.shape[0]})", x.numel() * 4 * LATENT_COPIES, memory_budget(),

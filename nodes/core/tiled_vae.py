@@ -77,35 +77,92 @@ class SpillStore:
     """Full activations in unlinked temporary files under `directory`, mapped into memory (MAP_SHARED).
 
     Pages a tile touched go back to the kernel (`release`, MADV_DONTNEED: for a shared file mapping the data stays
-    in the page cache or on disk, the process stops holding it). A file is freed when its last tensor is."""
+    in the page cache or on disk, the process stops holding it). When an activation's last tensor is gone its file
+    is kept for the next one (grown when that one is larger): a first write into freshly reserved blocks costs the
+    filesystem several times a write into blocks written before (ext4: 1.56 vs 0.18 s per GiB through a mapping on
+    2 cores), and a run writes each layer's activation once. Free files are closed when the store is."""
 
     def __init__(self, directory: str | None = None):
         self.directory = directory
         self.bytes_now = 0
+        """Bytes of the store's files, in use or kept for reuse (the disk they take)."""
         self.peak_bytes = 0
+        self.reused = 0
+        """How many activations went into a file an earlier one had used."""
         self._maps: weakref.WeakSet = weakref.WeakSet()
+        self._free: list = []  # files whose tensors are gone, kept open for reuse
+        weakref.finalize(self, _close_files, self._free)
 
     def empty(self, shape, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
-        """An uninitialised (B, C, H, W) tensor backed by a new file."""
+        """An uninitialised (B, C, H, W) tensor backed by a file: a free one of the store's (the smallest that
+        holds it, else the largest, grown), or a new one."""
         count = math.prod(shape)
         nbytes = max(1, count * torch.empty(0, dtype=dtype).element_size())
-        with tempfile.TemporaryFile(dir=self.directory, prefix="astria-vae-") as handle:
-            # reserve the blocks now: a full disk then fails here (OSError) instead of as SIGBUS on a later write
-            os.posix_fallocate(handle.fileno(), 0, nbytes)
+        handle = self._take_free(nbytes)
+        if handle is None:
+            handle = tempfile.TemporaryFile(dir=self.directory, prefix="astria-vae-")
+        else:
+            self.reused += 1
+        size = _file_size(handle)
+        try:
+            if size < nbytes:
+                # reserve the blocks now: a full disk then fails here (OSError) instead of as SIGBUS on a later write
+                os.posix_fallocate(handle.fileno(), 0, nbytes)
+                self.bytes_now += nbytes - size
+                size = nbytes
             mapping = mmap.mmap(handle.fileno(), nbytes)
-        self._maps.add(mapping)
-        self.bytes_now = sum(len(m) for m in self._maps)
+        except BaseException:
+            self.bytes_now -= size
+            handle.close()
+            raise
         self.peak_bytes = max(self.peak_bytes, self.bytes_now)
+        self._maps.add(mapping)
+        weakref.finalize(mapping, _recycle, weakref.ref(self), handle)
         flat = torch.frombuffer(mapping, dtype=dtype, count=count)
         if channels_last:
             b, c, h, w = shape
             return flat.view(b, h, w, c).permute(0, 3, 1, 2)
         return flat.view(shape)
 
+    def _take_free(self, nbytes: int):
+        """A free file for `nbytes` (the smallest holding them without doubling them, else the largest smaller one,
+        to be grown), or None; the other free files are closed, so the files never take much more disk than the
+        activations in use."""
+        fitting = [handle for handle in self._free if nbytes <= _file_size(handle) <= 2 * nbytes]
+        smaller = [handle for handle in self._free if _file_size(handle) < nbytes]
+        chosen = (min(fitting, key=_file_size) if fitting else max(smaller, key=_file_size) if smaller else None)
+        for handle in self._free:
+            if handle is not chosen:
+                self.bytes_now -= _file_size(handle)
+                handle.close()
+        self._free.clear()
+        return chosen
+
     def release(self) -> None:
         """Hand every live file's resident pages back to the kernel (the data stays in the file)."""
         for mapping in list(self._maps):
             mapping.madvise(mmap.MADV_DONTNEED)
+
+
+def _file_size(handle) -> int:
+    """The size of an open file in bytes."""
+    return os.fstat(handle.fileno()).st_size
+
+
+def _recycle(store_ref, handle) -> None:
+    """A spill file's last tensor is gone: back to its store's free files, or closed when the store is gone."""
+    store = store_ref()
+    if store is None:
+        handle.close()
+    else:
+        store._free.append(handle)
+
+
+def _close_files(handles: list) -> None:
+    """Close a collected store's free files (unlinked: their space goes back to the disk)."""
+    for handle in handles:
+        handle.close()
+    handles.clear()
 
 
 RAM_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})

@@ -1,6 +1,7 @@
 """Exact tiled VAE against the host's own VAE classes (ComfyUI's AutoencoderKL) with seeded random weights."""
 import copy
 import dataclasses
+import math
 import os
 import sys
 from pathlib import Path
@@ -285,6 +286,50 @@ def test_spilled_activations_give_the_untiled_result_and_live_in_files(tmp_path,
     in_ram = tiled_vae.tiled_encode(vae, pixels, tile_size=24)
     assert torch.equal(got_latent, in_ram)  # the same arithmetic as the in-RAM path, bit for bit
     assert len(released) > 20
+
+
+def _open_files_in(folder) -> list[str]:
+    """Targets of this process's open file descriptors inside `folder` (unlinked ones end in ' (deleted)')."""
+    fds = Path("/proc/self/fd")
+    targets = []
+    for fd in fds.iterdir():
+        try:
+            targets.append(os.readlink(fd))
+        except OSError:  # closed while listing
+            continue
+    return [target for target in targets if target.startswith(str(folder))]
+
+
+def test_spill_files_are_reused_across_layers_and_closed_with_the_store(tmp_path, monkeypatch):
+    """A spilled run writes later layers into files earlier layers used (a first write into freshly reserved blocks
+    costs the filesystem several times more), reserves fresh blocks for about its peak only, takes no more disk at
+    its peak than a file per activation did, gives the same result, and leaves no file open once the store is gone."""
+    import gc
+    reserved = []
+    real_fallocate = os.posix_fallocate
+    monkeypatch.setattr(tiled_vae.os, "posix_fallocate",
+                        lambda fd, offset, size: reserved.append(size - os.fstat(fd).st_size)
+                        or real_fallocate(fd, offset, size))
+    stored = []
+    real_empty = tiled_vae.SpillStore.empty
+    monkeypatch.setattr(tiled_vae.SpillStore, "empty", lambda self, shape, dtype, channels_last: stored.append(
+        math.prod(shape) * torch.empty(0, dtype=dtype).element_size()) or real_empty(self, shape, dtype, channels_last))
+    vae = random_vae(0, **SMALL)
+    latent = torch.randn(1, 4, 30, 22, generator=torch.Generator().manual_seed(12))
+    store = tiled_vae.SpillStore(str(tmp_path))
+    got = tiled_vae.tiled_decode(vae, latent, tile_size=24, spill=store)
+    pooled_peak = store.peak_bytes
+    assert store.reused >= len(stored) // 2
+    assert sum(reserved) <= 1.2 * pooled_peak < 0.6 * sum(stored)  # fresh blocks: about the peak's, once
+    assert torch.equal(got, tiled_vae.tiled_decode(vae, latent, tile_size=24))  # same as in RAM, bit for bit
+    assert _open_files_in(tmp_path)  # free files kept for the next run of this store
+    del store
+    gc.collect()
+    assert _open_files_in(tmp_path) == []
+    monkeypatch.setattr(tiled_vae.SpillStore, "_take_free", lambda self, nbytes: None)  # a fresh file every time
+    fresh = tiled_vae.SpillStore(str(tmp_path))
+    tiled_vae.tiled_decode(vae, latent, tile_size=24, spill=fresh)
+    assert pooled_peak <= fresh.peak_bytes
 
 
 def _spill_resident_kib(folder: str) -> int:

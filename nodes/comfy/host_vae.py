@@ -14,9 +14,11 @@ log = logging.getLogger("astria")
 BYTES_PER_PIXEL_HELD = 4 * 3 * 4
 """RGB float32 images an only-upscale holds at once at the output size: upscaled, decoded, colour-fixed, and one
 transient copy (a clamp, the VAE's input scaling)."""
-ACTIVATIONS_IN_RAM_BYTES = 2 * 2**30
-"""Our exact path keeps full activations in RAM while its whole working memory takes at most this (and fits the
-budget); above it they go to a spill file, so a run's RAM stays bounded by the tile at any size."""
+ACTIVATIONS_IN_RAM_BYTES = 5 * 2**28
+"""Our exact path keeps full activations in RAM while its whole working memory takes at most this (1.25 GiB) and fits
+the budget; above it they go to a spill file, so a run's RAM stays bounded by the tile at any size. At 256 px VAE
+tiles a 1024 px encode (1.09 GiB) stays in RAM and a 1024 px decode (1.57 GiB in RAM, 0.82 GiB spilled) spills: at
+512->1024 that decode was the only-upscale's peak, above UltimateSDUpscale's (docs/performance.md)."""
 SPILL_DIR_ENV = "ASTRIA_SPILL_DIR"
 """Where spilled activations go (default: ComfyUI's temp folder; choose a disk, not a tmpfs, which is RAM); `off`
 never spills (the host's tiled VAE, inexact, runs instead)."""

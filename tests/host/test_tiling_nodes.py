@@ -111,7 +111,7 @@ def test_vae_out_of_memory_retries_with_half_tiles_then_uses_the_hosts_tiled_vae
 
     monkeypatch.setattr(host_vae.tiled_vae, "tiled_decode", flaky_decode)
     _, _, vae = sd15_pixel
-    samples = torch.randn(1, 4, 48, 40, generator=torch.Generator().manual_seed(2))
+    samples = torch.randn(1, 4, 24, 20, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         decoded = host_vae.decode(vae, samples, 256)
         expected = vae.decode(samples) if failures == 1 else vae.decode_tiled(samples, tile_x=16, tile_y=16,
@@ -341,3 +341,22 @@ def test_local_vae_attention_is_opt_in_and_the_log_says_it_is_not_exact(comfy_ho
     assert (exact - untiled).abs().max().item() < tolerance
     assert (local - exact).abs().max().item() > 10 * tolerance
     assert (local - vae.process_output(ours.float()).movedim(1, -1)).abs().max().item() < tolerance
+
+
+def test_at_the_default_vae_tile_a_1024_px_decode_spills_and_its_encode_stays_in_ram(comfy_host, monkeypatch,
+                                                                                      tmp_path):
+    """The in-RAM limit, on the SD VAE's real memory model at the only-upscale's VAE tile: a 1024 px decode (1.57 GiB
+    in RAM) spills, which kept the 512->1024 only-upscale's peak under UltimateSDUpscale's; the 1024 px encode
+    (1.09 GiB) and a 512 px decode stay in RAM, where spilling would only cost time."""
+    import comfy.sd
+
+    from comfyui_astria.tests.support.random_vae import random_vae
+
+    host_vae = comfy_host.pack_module.nodes.comfy.host_vae
+    tile = comfy_host.pack_module.nodes.comfy.upscale.VAE_TILE_PX
+    monkeypatch.setenv("ASTRIA_SPILL_DIR", str(tmp_path))
+    monkeypatch.setenv("ASTRIA_MEMORY_BUDGET_MB", "16000")
+    vae = comfy.sd.VAE(sd=random_vae(0).state_dict())
+    assert host_vae.plan(vae, (1, 4, 128, 128), False, tile).way == "spill"
+    assert host_vae.plan(vae, (1, 3, 1024, 1024), True, tile).way == "ram"
+    assert host_vae.plan(vae, (1, 4, 64, 64), False, tile).way == "ram"

@@ -300,6 +300,23 @@ def _open_files_in(folder) -> list[str]:
     return [target for target in targets if target.startswith(str(folder))]
 
 
+def test_a_spill_mapping_holds_the_pages_a_tile_touches_not_the_read_around(tmp_path):
+    """Writing then reading a narrow column band of a spilled activation (a tile's few bytes of each long row) keeps
+    about a page per row resident, not the read-ahead's large folios around each fault (which made the whole file
+    resident and the spilled decode's RSS grow with the image's width)."""
+    store = tiled_vae.SpillStore(str(tmp_path))
+    rows, row_bytes = 2048, 128 * 2**10
+    spilled = store.empty((1, 1, rows, row_bytes // 2), torch.float16, channels_last=False)
+    band = spilled[0, 0, :, :100]  # 200 bytes of each 128 KiB row
+    band.fill_(1.0)
+    written = _spill_resident_kib(str(tmp_path))
+    store.release()
+    assert float(band.float().sum()) == rows * 100
+    read = _spill_resident_kib(str(tmp_path))
+    page_per_row = rows * 4
+    assert written <= 2 * page_per_row and read <= 2 * page_per_row, (written, read)
+
+
 def test_spill_files_are_reused_across_layers_and_closed_with_the_store(tmp_path, monkeypatch):
     """A spilled run writes later layers into files earlier layers used (a first write into freshly reserved blocks
     costs the filesystem several times more), reserves fresh blocks for about its peak only, takes no more disk at

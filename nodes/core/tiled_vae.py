@@ -99,8 +99,8 @@ class SpillStore:
         weakref.finalize(self, _close_files, self._free)
 
     def empty(self, shape, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
-        """An uninitialised (B, C, H, W) tensor backed by a file: a free one of the store's (the smallest that
-        holds it, else the largest, grown), or a new one."""
+        """An uninitialised (B, C, H, W) tensor backed by a file: a free one of the store's (`_take_free`), or a
+        new one."""
         count = math.prod(shape)
         nbytes = max(1, count * torch.empty(0, dtype=dtype).element_size())
         handle = self._take_free(nbytes)

@@ -102,9 +102,13 @@ def plan(vae, shape, encode, tile_size, local_attention=False):
     """How our tiled VAE runs for input `shape` (B, C, H, W) with `tile_size`, from its memory model; raises our
     sentence when no way fits. With `local_attention` our way is not exact and says so (same memory)."""
     chosen = _plan(vae, shape, encode, tile_size, LOCAL_ATTENTION_NOTE if local_attention else "exact")
-    if local_attention and chosen.way != "host":
-        return VAEPlan(chosen.way, False, chosen.ram, chosen.reason)
-    return chosen
+    if chosen.way == "host":
+        return chosen
+    reason = chosen.reason
+    if chosen.way != "gpu" and tiled_vae.attention_dtype_for(vae.device, vae.vae_dtype) != vae.vae_dtype:
+        reason += (f"; attention products in bfloat16 ({tiled_vae.cpu_bf16_matmul_speedup():.1f}x float32's speed "
+                   f"on this CPU, ~2e-3 off)")
+    return VAEPlan(chosen.way, chosen.exact and not local_attention, chosen.ram, reason)
 
 
 def _plan(vae, shape, encode, tile_size, ours):

@@ -3,7 +3,8 @@
 Every 3x3 conv sees its true neighbours (a 1-px halo per conv, the image border zero-padded as the module does),
 every GroupNorm uses statistics of the whole image (per-channel sums gathered while the previous layer's tiles
 are written), and the mid-block self-attention runs over the whole image in query chunks. So the result equals
-the untiled one up to float rounding, with almost no extra compute; memory is the full activation between two
+the untiled one up to float rounding (on CPUs fast at bfloat16, a float32 run takes the attention's two products in
+bfloat16: `BF16_ATTENTION_MIN_SPEEDUP`), with almost no extra compute; memory is the full activation between two
 layers (a half compute dtype's tiles as computed; float32 ones in float16 when large and finite) instead of every
 intermediate of the untiled graph.
 
@@ -22,10 +23,12 @@ raises `UnsupportedVAE` so the caller can fall back to the host's tiled path. Im
 """
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import os
 import tempfile
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +60,17 @@ KEY_BLOCK_BYTES = 64 * 2**20
 results by their log-sum-exp (`_attend_in_key_blocks`). So the keys and values the process holds stop growing with
 the image: read whole by every query chunk, they were all resident mapped pages (1 GiB at a 4096 px decode, 4 GiB at
 8192 px, counted in RSS)."""
+BF16_ATTENTION_MIN_SPEEDUP = 1.5
+"""A float32 run on the CPU takes the exact attention's two products (queries x keys, weights x values) in bfloat16
+with float32 sums, and keeps its keys and values in bfloat16, where this CPU multiplies bfloat16 matrices at least
+this many times faster than float32 ones (AVX512-BF16, AMX; timed once a process: `cpu_bf16_matmul_speedup`). The
+scores, softmax and sums stay float32. Measured on 2 Zen cores (bfloat16 products 3.5-4.9x float32's speed): the
+attention 0.38x the float32 flash kernel's time at 65536 keys; a spilled 2048 px decode 157.4 s against 184.2 s, max
+abs to untiled 2.6e-3 against 1.9e-3 (bench/vae_tiling.py), under the 0.01 that counts as exact. Elsewhere
+(bfloat16 emulated, slower than float32) the attention stays float32."""
+BF16_SCORE_ELEMENTS = 2**23
+"""Queries x keys per product in the bfloat16 attention: 32 MiB of float32 scores, which the softmax passes over in
+the CPU's cache (2**22 and 2**24 measured 5-15% slower at 65536 keys)."""
 SPILL_RESIDENT_BYTES = 128 * 2**20
 """A spilled run hands the file pages it touched back to the kernel once its tiles read or wrote this many bytes of
 the files (counted where they are read and written: `_Settings.touch`). The kernel maps file pages around each fault
@@ -201,6 +215,7 @@ class _Settings:
     channels_last: bool = False
     spill: SpillStore | None = None
     local_attention: bool = False
+    attention_dtype: torch.dtype | None = None  # the attention's keys, values and products; None: `dtype`
     done: int = 0
     total: int = 0
     buffers: dict = field(default_factory=dict)
@@ -559,13 +574,14 @@ def _attention(source: _Activation, block, settings: _Settings) -> _Activation:
     b, c, h, w = source.shape
     stats = source.group_stats(block.norm)
     streamed = _streams_keys(settings)
+    dtype = settings.attention_dtype or settings.dtype
     if settings.spill is not None:  # they grow with the image (64 bytes per output pixel): in the files too
-        keys = settings.spill.empty((b, 1, h * w, c), settings.dtype, channels_last=False)
-        values = settings.spill.empty((b, 1, h * w, c), settings.dtype, channels_last=False)
+        keys = settings.spill.empty((b, 1, h * w, c), dtype, channels_last=False)
+        values = settings.spill.empty((b, 1, h * w, c), dtype, channels_last=False)
     else:
-        keys = torch.empty(b, 1, h * w, c, dtype=settings.dtype, device=settings.device)
+        keys = torch.empty(b, 1, h * w, c, dtype=dtype, device=settings.device)
         values = torch.empty_like(keys)
-    queries = settings.spill.empty((b, 1, h * w, c), settings.dtype, channels_last=False) if streamed else None
+    queries = settings.spill.empty((b, 1, h * w, c), dtype, channels_last=False) if streamed else None
     side = _side(settings, c)
     for rows, cols in _tiles(h, w, side):
         settings.tick()
@@ -573,7 +589,7 @@ def _attention(source: _Activation, block, settings: _Settings) -> _Activation:
         index = _flat_index(rows, cols, w, settings.device)
         for stored, projection in ((keys, block.k), (values, block.v), (queries, block.q)):
             if stored is not None:
-                stored[:, 0, index] = part = _positions(projection(normed))
+                stored[:, 0, index] = part = _positions(projection(normed)).to(stored.dtype)
                 settings.touch(part)
         settings.advance()
 
@@ -586,7 +602,7 @@ def _attention(source: _Activation, block, settings: _Settings) -> _Activation:
             settings.tick()  # one tile's queries against a large image's keys take minutes: Cancel between chunks
             if i:
                 settings.count()  # and progress: one unit per chunk (the tile's last one is its advance)
-            parts.append(F.scaled_dot_product_attention(queries[:, :, i:i + chunk], keys, values))
+            parts.append(_attend_chunk(queries[:, :, i:i + chunk], keys, values))
         return projected(tile, torch.cat(parts, dim=2))
 
     def projected(tile, attended):
@@ -628,9 +644,65 @@ def _key_block(positions: int, channels: int, element_size: int) -> int:
     return max(1, min(positions, KEY_BLOCK_BYTES // (2 * channels * element_size)))
 
 
+def _attend_chunk(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of a chunk of queries: the bfloat16 products where keys and values are kept in bfloat16 on
+    the CPU (`BF16_ATTENTION_MIN_SPEEDUP`), else PyTorch's fused kernel."""
+    if keys.dtype == torch.bfloat16 and keys.device.type == "cpu":
+        return bf16_attention_with_lse(queries, keys, values)[0].to(queries.dtype)
+    return F.scaled_dot_product_attention(queries, keys, values)
+
+
+def bf16_attention_with_lse(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
+    """Softmax attention (1/sqrt(C) scale) and each query's log-sum-exp, float32, for (B, 1, N, C) tensors, with the
+    two products in bfloat16 (float32 sums inside the product; queries rounded to bfloat16, keys and values given in
+    it) and the scores, softmax and normalisation in float32, `BF16_SCORE_ELEMENTS` scores at a time."""
+    b, _, n, c = queries.shape
+    scale = c ** -0.5
+    out = torch.empty(b, 1, n, c, dtype=torch.float32, device=queries.device)
+    lse = torch.empty(b, 1, n, dtype=torch.float32, device=queries.device)
+    chunk = min(n, max(1, BF16_SCORE_ELEMENTS // keys.shape[2]))
+    # one set of buffers for the call: fresh 32 MiB blocks per chunk grow the allocator's heap instead
+    products = torch.empty(chunk, keys.shape[2], dtype=torch.bfloat16, device=queries.device)
+    scores = torch.empty(chunk, keys.shape[2], dtype=torch.float32, device=queries.device)
+    attended = torch.empty(chunk, c, dtype=torch.bfloat16, device=queries.device)
+    for i in range(b):
+        keys_t = keys[i, 0].to(torch.bfloat16).t()
+        values_i = values[i, 0].to(torch.bfloat16)
+        for j in range(0, n, chunk):
+            m = min(chunk, n - j)
+            torch.matmul(queries[i, 0, j:j + m].to(torch.bfloat16), keys_t, out=products[:m])
+            weights = scores[:m].copy_(products[:m]).mul_(scale)
+            top = weights.amax(-1, keepdim=True)
+            weights.sub_(top).exp_()
+            total = weights.sum(-1, keepdim=True)
+            torch.matmul(products[:m].copy_(weights), values_i, out=attended[:m])
+            out[i, 0, j:j + m].copy_(attended[:m]).div_(total)
+            lse[i, 0, j:j + m] = total.log_().add_(top)[:, 0]
+    return out, lse
+
+
+@functools.cache
+def cpu_bf16_matmul_speedup() -> float:
+    """How many times faster this CPU multiplies bfloat16 matrices than float32 ones (best of 3, timed once)."""
+    def best(dtype):
+        a = torch.randn(512, 512).to(dtype)
+        b = torch.randn(512, 2048).to(dtype)
+        a @ b  # the library picks its kernel on the first call
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return min(times)
+    return best(torch.float32) / max(best(torch.bfloat16), 1e-9)
+
+
 def attention_with_lse(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
-    """Softmax attention (default 1/sqrt(C) scale) and each query's log-sum-exp of its scores, float32: PyTorch's CPU
-    flash kernel where it has one, else the same in plain tensor ops."""
+    """Softmax attention (default 1/sqrt(C) scale) and each query's log-sum-exp of its scores, float32: the bfloat16
+    products where keys and values are kept in bfloat16 on the CPU, else PyTorch's CPU flash kernel where it has one,
+    else the same in plain tensor ops."""
+    if keys.dtype == torch.bfloat16 and keys.device.type == "cpu":
+        return bf16_attention_with_lse(queries, keys, values)
     kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if kernel is not None and queries.device.type == "cpu" and queries.dtype == torch.float32:
         out, lse = kernel(queries, keys, values)
@@ -691,7 +763,7 @@ def _attention_units(h: int, w: int, c: int, settings: _Settings) -> int:
     each key block's sweep, then the output tiles)."""
     side = _side(settings, c)
     if _streams_keys(settings):
-        block = _key_block(h * w, c, torch.empty(0, dtype=settings.dtype).element_size())
+        block = _key_block(h * w, c, torch.empty(0, dtype=settings.attention_dtype or settings.dtype).element_size())
         sweeps = math.ceil(h * w / block) * math.ceil(h * w / _query_chunk(block))
         return 2 * _count(h, w, side) + sweeps
     if settings.local_attention:
@@ -901,8 +973,17 @@ def _tile_elements(tile_size: int | None) -> int:
     return DEFAULT_TILE_ELEMENTS if tile_size is None else 128 * tile_size * tile_size
 
 
+def attention_dtype_for(device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the attention's keys, values and products for a run on `device` in `dtype`: bfloat16 for a
+    float32 run on a CPU that multiplies bfloat16 `BF16_ATTENTION_MIN_SPEEDUP` times faster, else `dtype`."""
+    if (torch.device(device).type == "cpu" and dtype == torch.float32
+            and cpu_bf16_matmul_speedup() >= BF16_ATTENTION_MIN_SPEEDUP):
+        return torch.bfloat16
+    return dtype
+
+
 def _settings(model, device, dtype, tile_size, storage_dtype, should_cancel, progress, spill=None,
-              local_attention=False) -> _Settings:
+              local_attention=False, attention_dtype=None) -> _Settings:
     weight = next(model.parameters())
     device = torch.device(device) if device is not None else weight.device
     dtype = dtype or weight.dtype
@@ -912,8 +993,9 @@ def _settings(model, device, dtype, tile_size, storage_dtype, should_cancel, pro
     channels_last = device.type == "cpu"
     if spill is not None and device.type != "cpu":
         raise ValueError("a SpillStore keeps activations in RAM-mapped files: use it with the CPU as the device")
+    attention_dtype = attention_dtype or attention_dtype_for(device, dtype)
     return _Settings(device, dtype, _tile_elements(tile_size), storage_dtype, should_cancel, progress,
-                     channels_last, spill, local_attention)
+                     channels_last, spill, local_attention, attention_dtype)
 
 
 def _steps(first_stage_model, encode: bool):
@@ -999,7 +1081,8 @@ def tiled_decode(first_stage_model, latent: torch.Tensor, tile_size: int | None 
                  device=None, dtype: torch.dtype | None = None, storage_dtype: torch.dtype | None = None,
                  should_cancel: Callable[[], bool] | None = None,
                  progress: Callable[[int, int], None] | None = None,
-                 spill: SpillStore | None = None, local_attention: bool = False) -> torch.Tensor:
+                 spill: SpillStore | None = None, local_attention: bool = False,
+                 attention_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Decode latent (B, C, h, w) like `first_stage_model.decode`, exactly, in tiles; returns float32 (B, 3, H, W)
     in the model's output range (-1..1 for SD; apply the host VAE's `process_output`).
 
@@ -1010,9 +1093,11 @@ def tiled_decode(first_stage_model, latent: torch.Tensor, tile_size: int | None 
     instead of RAM (CPU runs; same result; see `memory_needs` for what each way holds). `local_attention` trades
     exactness for speed in the mid-block attention: each 512 px block of queries attends to the 1024 px window
     around it instead of the whole image (`LOCAL_ATTENTION_HALO`; same memory), the rest stays exact.
+    `attention_dtype` forces the dtype of the attention's keys, values and products (default:
+    `attention_dtype_for`, bfloat16 products for float32 runs on CPUs fast at them).
     """
     settings = _settings(first_stage_model, device, dtype, tile_size, storage_dtype, should_cancel, progress, spill,
-                         local_attention)
+                         local_attention, attention_dtype)
     return _run(_decoder_steps(first_stage_model), latent, settings)
 
 
@@ -1021,11 +1106,12 @@ def tiled_encode(first_stage_model, pixels: torch.Tensor, tile_size: int | None 
                  device=None, dtype: torch.dtype | None = None, storage_dtype: torch.dtype | None = None,
                  should_cancel: Callable[[], bool] | None = None,
                  progress: Callable[[int, int], None] | None = None,
-                 spill: SpillStore | None = None, local_attention: bool = False) -> torch.Tensor:
+                 spill: SpillStore | None = None, local_attention: bool = False,
+                 attention_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Encode pixels (B, 3, H, W), already in the model's input range (the host VAE's `process_input`), like
     `first_stage_model.encode` (the Gaussian's mode), exactly, in tiles; returns float32 (B, C, H/8, W/8).
     The keyword arguments are those of `tiled_decode`."""
     settings = _settings(first_stage_model, device, dtype, tile_size, storage_dtype, should_cancel, progress, spill,
-                         local_attention)
+                         local_attention, attention_dtype)
     moments = _run(_encoder_steps(first_stage_model), pixels, settings)
     return moments[:, :moments.shape[1] // 2]

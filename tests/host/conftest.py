@@ -6,6 +6,7 @@ built-in extra nodes and the pack loaded by `nodes.load_custom_node` from a fold
 """
 import asyncio
 import logging
+import math
 import sys
 import types
 
@@ -56,6 +57,13 @@ def comfy_host(tmp_path_factory) -> types.SimpleNamespace:
     ours = sorted(set(nodes.NODE_CLASS_MAPPINGS) - before)
     return types.SimpleNamespace(nodes=nodes, folder_paths=folder_paths, base=base, pack_path=pack_path,
                                  pack_module=sys.modules[pack_path.replace(".", "_x_")], our_node_ids=ours)
+
+
+@pytest.fixture
+def float32_attention(comfy_host, monkeypatch):
+    """The pack's tiled VAE with float32 attention products on every CPU, for tests that compare it with the untiled
+    VAE to 1e-4 (on CPUs fast at bfloat16 the default products are ~2e-3 off: tests/host/test_tiled_vae.py)."""
+    monkeypatch.setattr(comfy_host.pack_module.nodes.core.tiled_vae, "BF16_ATTENTION_MIN_SPEEDUP", math.inf)
 
 
 @pytest.fixture(scope="session")

@@ -46,7 +46,7 @@ def test_execute_gives_defaults_to_optional_inputs_only(comfy_host):
         assert defaulted == {item.id for item in schema.inputs if item.optional}, node_id
 
 
-def test_a_graph_of_pack_nodes_matches_the_same_graph_of_host_nodes(comfy_host, sd15):
+def test_a_graph_of_pack_nodes_matches_the_same_graph_of_host_nodes(comfy_host, sd15, float32_attention):
     """Astria Prompt -> Settings -> Encode -> tiled VAE encode -> KSampler -> tiled VAE decode on the tiny
     checkpoint, beside CLIPTextEncode -> VAEEncode -> KSampler -> VAEDecode with the numbers the prompt gives."""
     nodes = comfy_host.nodes

@@ -28,6 +28,13 @@ from comfyui_astria.tests.support.random_vae import random_vae  # noqa: E402
 SMALL = {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1}
 
 
+@pytest.fixture(autouse=True)
+def float32_attention(monkeypatch):
+    """The tests below check the tiling's float32 arithmetic against untiled to 1e-4, so the attention's products
+    stay float32 on every CPU; the bfloat16 products (the default on CPUs fast at them) have their own tests."""
+    monkeypatch.setattr(tiled_vae, "BF16_ATTENTION_MIN_SPEEDUP", math.inf)
+
+
 @pytest.mark.parametrize("size", [(40, 56), (37, 23)])
 def test_small_vae_decode_equals_untiled(size):
     vae = random_vae(0, **SMALL)
@@ -413,6 +420,62 @@ def test_attention_with_lse_agrees_with_sdpa_and_logsumexp():
         out, lse = tiled_vae.attention_with_lse(queries.to(dtype), keys.to(dtype), values.to(dtype))
         assert (out.float() - expected).abs().max().item() < 1e-5
         assert (lse.float() - expected_lse).abs().max().item() < 1e-5
+
+
+def test_bf16_attention_agrees_with_float32_attention_and_its_log_sum_exp(monkeypatch):
+    """The bfloat16 products (float32 scores, softmax and sums) give softmax attention and the scores' log-sum-exp
+    within bfloat16's rounding, in several chunks of queries that do not divide them, for each sample of a batch."""
+    monkeypatch.setattr(tiled_vae, "BF16_SCORE_ELEMENTS", 64 * 500)  # 64 queries a product: 5 chunks of 300
+    generator = torch.Generator().manual_seed(15)
+    queries, keys, values = (torch.randn(2, 1, n, 64, generator=generator) for n in (300, 500, 500))
+    expected = torch.nn.functional.scaled_dot_product_attention(queries, keys, values)
+    expected_lse = torch.logsumexp(queries @ keys.transpose(-1, -2) / 8, dim=-1)
+    out, lse = tiled_vae.bf16_attention_with_lse(queries, keys.bfloat16(), values.bfloat16())
+    assert out.dtype == lse.dtype == torch.float32
+    # measured: max 2.8e-3, mean 2.9e-4 (of outputs ~0.056 on average), log-sum-exp 1.7e-3: bfloat16's 8 bits
+    assert 0 < (out - expected).abs().max().item() < 6e-3
+    assert (out - expected).abs().mean().item() < 6e-4
+    assert (lse - expected_lse).abs().max().item() < 4e-3
+
+
+def test_float32_cpu_runs_take_bf16_attention_products_where_this_cpu_multiplies_bf16_faster(monkeypatch):
+    """The choice follows the CPU's measured speed: bfloat16 products only for float32 runs on a CPU that multiplies
+    bfloat16 at least BF16_ATTENTION_MIN_SPEEDUP times faster; GPU and half-precision runs keep their own dtype."""
+    monkeypatch.setattr(tiled_vae, "BF16_ATTENTION_MIN_SPEEDUP", 1.5)
+    assert tiled_vae.cpu_bf16_matmul_speedup() > 0  # measured on this machine, once
+    monkeypatch.setattr(tiled_vae, "cpu_bf16_matmul_speedup", lambda: 4.0)
+    assert tiled_vae.attention_dtype_for("cpu", torch.float32) == torch.bfloat16
+    assert tiled_vae.attention_dtype_for("cpu", torch.float16) == torch.float16
+    assert tiled_vae.attention_dtype_for("cuda", torch.float32) == torch.float32
+    monkeypatch.setattr(tiled_vae, "cpu_bf16_matmul_speedup", lambda: 0.8)  # emulated bfloat16: slower
+    assert tiled_vae.attention_dtype_for("cpu", torch.float32) == torch.float32
+
+
+@pytest.mark.parametrize("way", ["ram", "spill", "local"])
+def test_bf16_attention_products_decode_within_exact_of_untiled(tmp_path, monkeypatch, way):
+    """With the bfloat16 products chosen (as on a CPU fast at them), each way of running the attention (keys in RAM,
+    the spilled key-block sweep, local windows) uses them, and the decode stays within 0.01 of its float32 result."""
+    monkeypatch.setattr(tiled_vae, "BF16_ATTENTION_MIN_SPEEDUP", 1.5)
+    monkeypatch.setattr(tiled_vae, "cpu_bf16_matmul_speedup", lambda: 4.0)
+    monkeypatch.setattr(tiled_vae, "KEY_BLOCK_BYTES", 2 * 64 * 2 * 600)  # the sweep in 4 blocks of 600 keys
+    calls = []
+    real = tiled_vae.bf16_attention_with_lse
+    monkeypatch.setattr(tiled_vae, "bf16_attention_with_lse",
+                        lambda q, k, v: calls.append(k.dtype) or real(q, k, v))
+    vae = random_vae(0, **SMALL)
+    latent = torch.randn(1, 4, 40, 56, generator=torch.Generator().manual_seed(16))
+    spill = tiled_vae.SpillStore(str(tmp_path)) if way == "spill" else None
+    local = way == "local"
+    seen = []
+    got = tiled_vae.tiled_decode(vae, latent, tile_size=24, storage_dtype=torch.float32, spill=spill,
+                                 local_attention=local, progress=lambda done, total: seen.append((done, total)))
+    float32 = tiled_vae.tiled_decode(vae, latent, tile_size=24, storage_dtype=torch.float32, spill=spill,
+                                     local_attention=local, attention_dtype=torch.float32)
+    assert calls and set(calls) == {torch.bfloat16}
+    if way == "spill":
+        assert len(calls) == 4  # every block of keys, all 2240 queries in one chunk
+    assert 0 < (got - float32).abs().max().item() < 1e-2
+    assert seen[-1][0] == seen[-1][1] == len(seen)
 
 
 def test_spilled_values_beyond_float16_switch_to_float32_files(tmp_path):

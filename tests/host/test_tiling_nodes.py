@@ -317,7 +317,7 @@ def test_a_spill_folder_in_ram_is_not_used_and_the_summary_says_why(comfy_host, 
     assert (decoded - untiled).abs().max().item() < tolerance
 
 
-def test_local_vae_attention_is_opt_in_and_the_log_says_it_is_not_exact(comfy_host, sd15, monkeypatch, caplog):
+def test_local_vae_attention_is_opt_in_and_the_log_says_it_is_not_exact(comfy_host, sd15, monkeypatch, caplog, float32_attention):
     """vae_attention=local on the tiled VAE decode node: a different image from the exact default (the tiny
     checkpoint's random VAE attends everywhere), what tiled_vae's local attention gives, and the log line says so."""
     import logging
@@ -360,3 +360,29 @@ def test_at_the_default_vae_tile_a_1024_px_decode_spills_and_its_encode_stays_in
     assert host_vae.plan(vae, (1, 4, 128, 128), False, tile).way == "spill"
     assert host_vae.plan(vae, (1, 3, 1024, 1024), True, tile).way == "ram"
     assert host_vae.plan(vae, (1, 4, 64, 64), False, tile).way == "ram"
+
+
+def test_the_log_says_when_the_vae_attention_takes_bfloat16_products_and_the_result_stays_exact(
+        comfy_host, sd15, monkeypatch, caplog):
+    """On a CPU that multiplies bfloat16 fast the exact decode takes its attention products in bfloat16 and the log
+    line says so; the image stays within 0.01 of the untiled VAE's. Where bfloat16 is slow: float32, no such line."""
+    import logging
+
+    tiled_vae = comfy_host.pack_module.nodes.core.tiled_vae
+    _, _, vae = sd15
+    if vae.vae_dtype != torch.float32:
+        pytest.skip("the bfloat16 products are for float32 VAEs on the CPU")
+    samples = torch.randn(1, 4, 24, 32, generator=torch.Generator().manual_seed(6))
+    images = {}
+    for speedup in (4.0, 1.0):
+        monkeypatch.setattr(tiled_vae, "cpu_bf16_matmul_speedup", lambda: speedup)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="astria"), torch.inference_mode():
+            images[speedup] = run_node(comfy_host, "AstriaVAEDecodeTiled", samples={"samples": samples}, vae=vae,
+                                       tile_size=64, overlap=0)[0]
+        said = "attention products in bfloat16 (4.0x float32's speed on this CPU" in caplog.text
+        assert "VAE decode: exact, activations in RAM" in caplog.text and said == (speedup == 4.0)
+    with torch.inference_mode():
+        untiled = vae.decode(samples)
+    assert (images[1.0] - untiled).abs().max().item() < 1e-4
+    assert 0 < (images[4.0] - untiled).abs().max().item() < 1e-2

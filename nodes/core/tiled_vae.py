@@ -24,6 +24,7 @@ raises `UnsupportedVAE` so the caller can fall back to the host's tiled path. Im
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import mmap
 import os
@@ -38,6 +39,8 @@ import torch.nn.functional as F
 
 from .cancel import check_cancel
 from .user_errors import shown_as_pack
+
+logger = logging.getLogger("astria")
 
 DEFAULT_TILE_ELEMENTS = 128 * 512 * 512
 """Per-tile budget in activation elements (channels x height x width): a 512 px tile at the 128-channel layers.
@@ -66,8 +69,19 @@ with float32 sums, and keeps its keys and values in bfloat16, where this CPU mul
 this many times faster than float32 ones (AVX512-BF16, AMX; timed once a process: `cpu_bf16_matmul_speedup`). The
 scores, softmax and sums stay float32. Measured on 2 Zen cores (bfloat16 products 3.5-4.9x float32's speed): the
 attention 0.38x the float32 flash kernel's time at 65536 keys; a spilled 2048 px decode 157.4 s against 184.2 s, max
-abs to untiled 2.6e-3 against 1.9e-3 (bench/vae_tiling.py), under the 0.01 that counts as exact. Elsewhere
-(bfloat16 emulated, slower than float32) the attention stays float32."""
+abs to untiled 2.6e-3 against 1.9e-3 (bench/vae_tiling.py), under the 0.01 that counts as exact. Each layer first
+probes its own scores (`BF16_PROBE_MAX_ERROR`) and runs float32 where bfloat16 would round them too coarsely.
+Elsewhere (bfloat16 emulated, slower than float32) the attention stays float32."""
+BF16_PROBE_SIDE = 32
+"""Before an attention layer takes bfloat16 products, a probe runs its own queries, keys and values at an evenly
+spread grid of this many positions a side (1024 in all) through both kernels (`bf16_attention_error`)."""
+BF16_PROBE_MAX_ERROR = 5e-2
+"""The probe's largest difference (over the values' rms) up to which the layer keeps bfloat16 products; above it the
+layer runs in float32. bfloat16's 8 bits round a score s by up to |s| / 512, so large scores (a peaked softmax, large
+queries and keys) make the products inexact. Measured: the random-weight SD VAE's layers probe at 1.8e-2 (decode)
+and 6.3e-3 (encode), their whole passes 2.6e-3 and 9.0e-3 off untiled; random scores of std 1 probe at ~1e-3, of
+std 4 at 3-9e-2, of std 16 at 0.2-0.5. A trained VAE's scores were not measured here (no weights on this machine):
+this bound is a guard against gross rounding, not a measurement of its output."""
 BF16_SCORE_ELEMENTS = 2**23
 """Queries x keys per product in the bfloat16 attention: 32 MiB of float32 scores, which the softmax passes over in
 the CPU's cache (2**22 and 2**24 measured 5-15% slower at 65536 keys)."""
@@ -575,6 +589,11 @@ def _attention(source: _Activation, block, settings: _Settings) -> _Activation:
     stats = source.group_stats(block.norm)
     streamed = _streams_keys(settings)
     dtype = settings.attention_dtype or settings.dtype
+    if dtype == torch.bfloat16 and settings.dtype == torch.float32:  # bfloat16 chosen for speed: only if it holds
+        dtype = _probed_attention_dtype(source, block, stats, settings)
+        if dtype != settings.attention_dtype and streamed:  # float32 key blocks hold fewer keys: more sweeps
+            settings.total += (_attention_units(h, w, c, settings, dtype)
+                               - _attention_units(h, w, c, settings, settings.attention_dtype))
     if settings.spill is not None:  # they grow with the image (64 bytes per output pixel): in the files too
         keys = settings.spill.empty((b, 1, h * w, c), dtype, channels_last=False)
         values = settings.spill.empty((b, 1, h * w, c), dtype, channels_last=False)
@@ -631,6 +650,31 @@ def _attention(source: _Activation, block, settings: _Settings) -> _Activation:
         out = _same_layer(source, c, settings, lambda tile: attend(tile, keys, values), 0, target=target)
     source.data = None
     return out
+
+
+def _probed_attention_dtype(source: _Activation, block, stats, settings: _Settings) -> torch.dtype:
+    """bfloat16 where a probe of this layer's own queries, keys and values (`BF16_PROBE_SIDE` positions a side, evenly
+    spread) finds the bfloat16 products within `BF16_PROBE_MAX_ERROR` of float32 attention, else float32 (logged)."""
+    _, _, h, w = source.shape
+    grid = source.data[:, :, ::max(1, h // BF16_PROBE_SIDE), ::max(1, w // BF16_PROBE_SIDE)]
+    normed = _norm(grid.to(settings.device, settings.dtype, memory_format=settings.memory_format, copy=True),
+                   block.norm, stats)
+    queries, keys, values = (_positions(projection(normed))[:, None] for projection in (block.q, block.k, block.v))
+    error = bf16_attention_error(queries, keys, values)
+    if error <= BF16_PROBE_MAX_ERROR:
+        return torch.bfloat16
+    logger.info("Tiled VAE: this VAE's attention scores are too large for bfloat16 products (probe %.1e > %.0e): "
+                "float32 products for a %dx%d attention layer (exact, slower)", error, BF16_PROBE_MAX_ERROR, h, w)
+    return torch.float32
+
+
+def bf16_attention_error(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> float:
+    """The bfloat16 products' largest difference to float32 attention on these (B, 1, N, C) float32 tensors, over the
+    values' rms (how far the fast kernel would move this layer's output, in units of its inputs' size)."""
+    exact = F.scaled_dot_product_attention(queries, keys, values)
+    rough = bf16_attention_with_lse(queries, keys.to(torch.bfloat16), values.to(torch.bfloat16))[0]
+    scale = values.square().mean().sqrt().clamp_min(torch.finfo(torch.float32).tiny)
+    return float((rough - exact).abs().max() / scale)
 
 
 def _streams_keys(settings: _Settings) -> bool:
@@ -758,12 +802,13 @@ def _query_chunk(keys: int) -> int:
     return max(1, ATTENTION_SCORE_ELEMENTS // keys)
 
 
-def _attention_units(h: int, w: int, c: int, settings: _Settings) -> int:
+def _attention_units(h: int, w: int, c: int, settings: _Settings, dtype: torch.dtype | None = None) -> int:
     """Progress units of an attention step: its key/value tiles, then one per query chunk of each query tile (or of
-    each key block's sweep, then the output tiles)."""
+    each key block's sweep, then the output tiles; key blocks of `dtype`, default the settings' attention dtype)."""
     side = _side(settings, c)
     if _streams_keys(settings):
-        block = _key_block(h * w, c, torch.empty(0, dtype=settings.attention_dtype or settings.dtype).element_size())
+        dtype = dtype or settings.attention_dtype or settings.dtype
+        block = _key_block(h * w, c, torch.empty(0, dtype=dtype).element_size())
         sweeps = math.ceil(h * w / block) * math.ceil(h * w / _query_chunk(block))
         return 2 * _count(h, w, side) + sweeps
     if settings.local_attention:

@@ -473,9 +473,42 @@ def test_bf16_attention_products_decode_within_exact_of_untiled(tmp_path, monkey
                                      local_attention=local, attention_dtype=torch.float32)
     assert calls and set(calls) == {torch.bfloat16}
     if way == "spill":
-        assert len(calls) == 4  # every block of keys, all 2240 queries in one chunk
+        assert len(calls) == 1 + 4  # the layer's probe, then every block of keys (all 2240 queries in one chunk)
     assert 0 < (got - float32).abs().max().item() < 1e-2
     assert seen[-1][0] == seen[-1][1] == len(seen)
+
+
+@pytest.mark.parametrize("way", ["ram", "spill"])
+def test_attention_with_large_scores_keeps_float32_products(tmp_path, monkeypatch, caplog, way):
+    """Where the probe finds the bfloat16 products too coarse for a layer's scores (queries and keys scaled up: a
+    peaked softmax), that layer runs float32 products: the same result as a float32 run, bit for bit, progress still
+    ends at its total (the float32 key blocks hold fewer keys), and the log says why. Measured: the probe 0.92; past
+    it, bfloat16 products put this decode 0.30 off its float32 result."""
+    monkeypatch.setattr(tiled_vae, "BF16_ATTENTION_MIN_SPEEDUP", 1.5)
+    monkeypatch.setattr(tiled_vae, "cpu_bf16_matmul_speedup", lambda: 4.0)
+    monkeypatch.setattr(tiled_vae, "KEY_BLOCK_BYTES", 2 * 64 * 2 * 600)  # bfloat16: 4 blocks; float32: 8
+    vae = random_vae(0, **SMALL)
+    attention = vae.decoder.mid.attn_1
+    with torch.no_grad():
+        attention.q.weight.mul_(6)
+        attention.k.weight.mul_(6)
+    latent = torch.randn(1, 4, 40, 56, generator=torch.Generator().manual_seed(16))
+    kwargs = {"tile_size": 24, "storage_dtype": torch.float32}
+    def decode(**more):
+        spill = tiled_vae.SpillStore(str(tmp_path)) if way == "spill" else None
+        seen = []
+        out = tiled_vae.tiled_decode(vae, latent, spill=spill, progress=lambda done, total: seen.append((done, total)),
+                                     **kwargs, **more)
+        return out, seen
+    with caplog.at_level("INFO", logger="astria"):
+        got, seen = decode()
+    float32, _ = decode(attention_dtype=torch.float32)
+    monkeypatch.setattr(tiled_vae, "BF16_PROBE_MAX_ERROR", math.inf)
+    bf16, _ = decode()  # bfloat16 products past the probe: what it protects against
+    assert torch.equal(got, float32)
+    assert (bf16 - float32).abs().max().item() > 3 * (got - float32).abs().max().item() + 1e-3
+    assert seen[-1][0] == seen[-1][1] == len(seen)
+    assert "attention scores are too large for bfloat16 products" in caplog.text
 
 
 def test_spilled_values_beyond_float16_switch_to_float32_files(tmp_path):

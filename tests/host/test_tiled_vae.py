@@ -506,7 +506,7 @@ def test_attention_with_large_scores_keeps_float32_products(tmp_path, monkeypatc
     monkeypatch.setattr(tiled_vae, "BF16_PROBE_MAX_ERROR", math.inf)
     bf16, _ = decode()  # bfloat16 products past the probe: what it protects against
     assert torch.equal(got, float32)
-    assert (bf16 - float32).abs().max().item() > 3 * (got - float32).abs().max().item() + 1e-3
+    assert (bf16 - float32).abs().max().item() > 1e-2  # outside exact: the case the probe exists for
     assert seen[-1][0] == seen[-1][1] == len(seen)
     assert "attention scores are too large for bfloat16 products" in caplog.text
 

@@ -7,12 +7,15 @@ Decodes a seeded latent with the random-weight SD VAE (loaded through ComfyUI's 
 bench/vae_tiling.py does) the way the nodes plan it (`host_vae.plan`: RAM or spill), asks it to cancel after
 --after seconds through the same `should_cancel` hook the nodes connect to ComfyUI's Cancel, and prints: the way,
 the peak RSS and RssAnon above the loaded VAE, tiles done of the total, the seconds from the cancel request to
-the run stopping, and the longest gap between two progress updates (what a user sees of the progress bar).
+the run stopping, and the longest gap between two progress updates (what a user sees of the progress bar), with
+the three longest named by the step they fell in (its index and kind in the decoder's list) and the progress unit
+they ended at.
 A large --after (longer than the decode) runs it to the end: the decode's time, peaks and progress gaps at that size.
 The peak RSS is the kernel's high-water mark (VmHWM, reset through /proc/self/clear_refs after the VAE is loaded);
 RssAnon is sampled every 50 ms.
 """
 import argparse
+import dataclasses
 import sys
 import tempfile
 import threading
@@ -68,6 +71,12 @@ def main():
         return False
 
     spill = tiled_vae.SpillStore() if plan.way == "spill" else None
+    steps_started = []  # (time, index, kind): which step each progress gap fell in
+    for kind, step in list(tiled_vae._STEPS.items()):
+        def timed(act, module, settings, run=step.run, kind=kind):
+            steps_started.append((time.perf_counter(), len(steps_started), kind))
+            return run(act, module, settings)
+        tiled_vae._STEPS[kind] = dataclasses.replace(step, run=timed)
     try:
         with torch.inference_mode():
             tiled_vae.tiled_decode(vae.first_stage_model, latent, args.tile, should_cancel=should_cancel,
@@ -88,6 +97,10 @@ def main():
         print(f"cancel: stopped {ended - asked['at']:.2f} s after the request", flush=True)
     if gaps:
         print(f"longest gap between progress updates: {max(gaps):.2f} s", flush=True)
+        for i in sorted(range(len(gaps)), key=gaps.__getitem__)[::-1][:3]:
+            at, unit = updates[i + 1][0], updates[i + 1][1]
+            index, kind = max(((t, n, k) for t, n, k in steps_started if t <= at), default=(0, -1, "?"))[1:]
+            print(f"  {gaps[i]:.2f} s, ending at unit {unit}/{total}, in step {index} ({kind})", flush=True)
 
 
 if __name__ == "__main__":

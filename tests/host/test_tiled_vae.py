@@ -209,6 +209,45 @@ def test_values_beyond_float16_switch_storage_to_float32():
     assert (got - expected).abs().max().item() < 1e-3 * max(1.0, expected.abs().max().item())
 
 
+@pytest.mark.parametrize("layout, offset", [("channels_last", 100.0), ("channels_first", 1.0)])
+def test_tile_moments_of_a_cropped_conv_output_equal_float64_ones(layout, offset):
+    """A conv's output with its halo cropped off: the fused statistics less the halo strips (channels_last on the
+    CPU) give the crop's own float64 moments even where the mean is 10^4 times the spread (float32 sums of squares
+    cancel there); the row sums (any other tile, e.g. on a GPU) do at a mean 100 times the spread; both bound every
+    |value| of the crop."""
+    gen = torch.Generator().manual_seed(12)
+    computed = torch.randn(2, 16, 35, 29, generator=gen) * 0.01 + offset * torch.rand(1, 16, 1, 1, generator=gen)
+    if layout == "channels_last":
+        computed = computed.contiguous(memory_format=torch.channels_last)
+    margins = (1, 2, 3, 1)
+    crop = tiled_vae._crop(computed, *margins)
+    count, means, m2, bound = tiled_vae._tile_moments(crop, computed, margins)
+    reference = crop.to(torch.float64)
+    expected_means = reference.mean(dim=(2, 3))
+    expected_m2 = (reference - expected_means[..., None, None]).square().sum(dim=(2, 3))
+    assert count == crop.shape[2] * crop.shape[3]
+    assert (means - expected_means).abs().max().item() < 2e-6 * offset  # float32 sums: a few ulps of the mean
+    assert ((m2 - expected_m2).abs() / expected_m2).max().item() < 1e-3
+    assert bound.item() >= crop.abs().max().item()
+
+
+def test_activation_moments_merge_tile_by_tile_to_the_whole_images_group_norm():
+    """Tiles of unequal size merged one by one (Chan's update) give the GroupNorm of the whole activation."""
+    settings = tiled_vae._settings(random_vae(0, **SMALL), "cpu", torch.float32, 24, torch.float32, None, None)
+    gen = torch.Generator().manual_seed(13)
+    whole = (torch.randn(1, 32, 40, 30, generator=gen) * 0.05 + 30.0).contiguous(memory_format=torch.channels_last)
+    act = tiled_vae._Activation(*whole.shape, settings)
+    for rows, cols in tiled_vae._tiles(40, 30, 16):
+        act.write(rows, cols, whole[:, :, rows, cols].contiguous(memory_format=torch.channels_last))
+    norm = torch.nn.GroupNorm(8, 32, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=gen)
+        norm.bias.uniform_(-0.5, 0.5, generator=gen)
+        expected = copy.deepcopy(norm).double()(whole.double())  # torch's float32 GroupNorm cancels here
+    scale, shift = act.group_stats(norm)
+    assert (whole * scale + shift - expected).abs().max().item() < 1e-3  # float32 rounding of x * scale
+
+
 def test_stored_bytes_counts_the_largest_layer_twice_in_float16_plus_the_input():
     vae = random_vae(0)
     # decode: the 256-channel upsample output at full resolution is the largest layer
@@ -257,9 +296,9 @@ def test_half_compute_keeps_activations_in_its_own_dtype_losslessly(monkeypatch,
     stored = []
     write = tiled_vae._Activation.write
 
-    def spy(self, rows, cols, tile):
+    def spy(self, rows, cols, tile, *computed):
         stored.append(self.data.dtype)
-        return write(self, rows, cols, tile)
+        return write(self, rows, cols, tile, *computed)
 
     monkeypatch.setattr(tiled_vae._Activation, "write", spy)
     got = tiled_vae.tiled_decode(vae, latent, tile_size=48)

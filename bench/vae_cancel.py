@@ -9,7 +9,7 @@ bench/vae_tiling.py does) the way the nodes plan it (`host_vae.plan`: RAM or spi
 the peak RSS and RssAnon above the loaded VAE, tiles done of the total, the seconds from the cancel request to
 the run stopping, and the longest gap between two progress updates (what a user sees of the progress bar), with
 the three longest named by the step they fell in (its index and kind in the decoder's list) and the progress unit
-they ended at.
+they ended at, and the major page faults (reads the process waited on the disk for: a spill that outgrew RAM).
 A large --after (longer than the decode) runs it to the end: the decode's time, peaks and progress gaps at that size.
 The peak RSS is the kernel's high-water mark (VmHWM, reset through /proc/self/clear_refs after the VAE is loaded);
 RssAnon is sampled every 50 ms.
@@ -24,6 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vae_tiling  # noqa: E402  (same folder: its loaders and /proc helpers)
+
+
+def major_faults() -> int:
+    """This process's major page faults so far (pages it waited on the disk for), from /proc/self/stat."""
+    with open("/proc/self/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[9])
 
 
 def main():
@@ -61,6 +67,7 @@ def main():
             peaks["anon"] = max(peaks["anon"], vae_tiling._status_kib("RssAnon"))
 
     threading.Thread(target=sample, daemon=True).start()
+    faults0 = major_faults()
     started = time.perf_counter()
 
     def should_cancel():
@@ -92,7 +99,8 @@ def main():
     gaps = [b[0] - a[0] for a, b in zip(updates, updates[1:])]
     print(f"ran {ended - started:.1f} s, {done}/{total} tiles; peak RSS +{(peaks['rss'] - rss0) / 1024:.0f} MiB, "
           f"RssAnon +{(peaks['anon'] - anon0) / 1024:.0f} MiB, spill files peak "
-          f"{(spill.peak_bytes if spill else 0) / 2**30:.2f} GB", flush=True)
+          f"{(spill.peak_bytes if spill else 0) / 2**30:.2f} GB; {major_faults() - faults0} major page faults",
+          flush=True)
     if "at" in asked:
         print(f"cancel: stopped {ended - asked['at']:.2f} s after the request", flush=True)
     if gaps:

@@ -54,9 +54,9 @@ class VAEPlan:
 
 def spill_directory():
     """The folder spilled activations go to (ComfyUI's temp folder unless ASTRIA_SPILL_DIR says), or None when
-    spilling is switched off."""
+    spilling is switched off or this OS cannot spill (`tiled_vae.SPILL_SUPPORTED`)."""
     folder = os.environ.get(SPILL_DIR_ENV, "").strip()
-    if folder.lower() == "off":
+    if folder.lower() == "off" or not tiled_vae.SPILL_SUPPORTED:
         return None
     if folder:
         return folder
@@ -142,7 +142,7 @@ def _plan(vae, shape, encode, tile_size, ours):
                        f"in RAM they would take {gb(needs.in_ram)}, the in-RAM limit is "
                        f"{gb(min(budget, needs.result + ACTIVATIONS_IN_RAM_BYTES))}); RAM {gb(needs.spilled_ram)}")
     if not folder:
-        why = "spilling is off"
+        why = "spilling is off" if tiled_vae.SPILL_SUPPORTED else "spill files need Linux, and this OS is not"
     elif folder_in_ram:
         why = in_ram_folder_note
     elif needs.spill_file > disk:

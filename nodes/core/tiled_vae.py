@@ -23,11 +23,13 @@ raises `UnsupportedVAE` so the caller can fall back to the host's tiled path. Im
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import math
 import mmap
 import os
+import sys
 import tempfile
 import time
 import weakref
@@ -90,6 +92,12 @@ SPILL_RESIDENT_BYTES = 128 * 2**20
 the files (counted where they are read and written: `_Settings.touch`). The kernel maps file pages around each fault
 too (fault-around), so up to about twice this is resident between hand-backs: measured at a 1024 px decode, 22%
 less RSS than a tile count at 256 MiB (643 vs 826 MiB) for the same time within noise (bench/vae_tiling.py)."""
+READ_AHEAD_SAMPLES = 8
+"""`SpillStore.will_need` looks at this many of a tensor's contiguous runs (a channels_last tile's rows), evenly
+spread, and asks for the whole tensor's pages ahead when one of them has a page out of RAM."""
+MAX_READ_AHEAD_RUNS = 4096
+"""`SpillStore.will_need` asks ahead for at most this many contiguous runs of a tensor (a channels_last tile has one
+per row); a tensor in more pieces is left to its page faults."""
 TILE_COPIES = 8
 """Tile-sized float buffers alive at once in the worst layer (input and region scratch, conv output and the
 library's own reorders, the shortcut): the tiles' share of `memory_needs`."""
@@ -123,6 +131,8 @@ class SpillStore:
         self.reused = 0
         """How many activations went into a file an earlier one had used."""
         self._maps: weakref.WeakSet = weakref.WeakSet()
+        self._spans: dict = {}  # live mappings: address -> (bytes, file, bytes written before), to find files
+        self._written: dict = {}  # file -> how far into it tiles have written (`will_need` with writing)
         self._free: list = []  # files whose tensors are gone, kept open for reuse
         weakref.finalize(self, _close_files, self._free)
 
@@ -137,6 +147,7 @@ class SpillStore:
         else:
             self.reused += 1
         size = _file_size(handle)
+        written = self._written.pop(handle, 0)  # bytes earlier activations wrote: to read before overwriting them
         try:
             if size < nbytes:
                 # reserve the blocks now: a full disk then fails here (OSError) instead of as SIGBUS on a later write
@@ -153,6 +164,8 @@ class SpillStore:
         self._maps.add(mapping)
         weakref.finalize(mapping, _recycle, weakref.ref(self), handle)
         flat = torch.frombuffer(mapping, dtype=dtype, count=count)
+        self._spans[flat.data_ptr()] = (nbytes, handle, min(written, nbytes))
+        weakref.finalize(mapping, self._spans.pop, flat.data_ptr(), None)
         if channels_last:
             b, c, h, w = shape
             return flat.view(b, h, w, c).permute(0, 3, 1, 2)
@@ -168,14 +181,73 @@ class SpillStore:
         for handle in self._free:
             if handle is not chosen:
                 self.bytes_now -= _file_size(handle)
+                self._written.pop(handle, None)
                 handle.close()
         self._free.clear()
         return chosen
+
+    def will_need(self, tensor: torch.Tensor, writing: bool = False) -> None:
+        """Ask the kernel to read the file pages under `tensor` (a view of one of the store's files) ahead, one
+        request per contiguous run of it (a tile's rows), before they are read, or `writing` over (a write into a
+        mapped page of a file reads the page first: where an earlier activation left it, not in fresh blocks).
+
+        Once the files outgrow free RAM their pages go to disk, and MADV_RANDOM makes every fault read 4 KiB alone:
+        a tile's 17 MB then took thousands of small reads (6144 px decode: 31 M major faults, progress gaps to
+        2.8 s). While the files stay in RAM the requests would only cost time (a 1024 px decode 1.07x), so they are
+        made only where `READ_AHEAD_SAMPLES` of the runs, evenly spread, find a page out of RAM (`_resident`)."""
+        address = tensor.data_ptr()
+        span = next(((base, handle, written) for base, (nbytes, handle, written) in list(self._spans.items())
+                     if base <= address < base + nbytes), None)
+        if span is None or tensor.numel() == 0:
+            return
+        base, handle, written = span
+        size = tensor.element_size()
+        offsets, run = _contiguous_runs(tensor)
+        if len(offsets) > MAX_READ_AHEAD_RUNS:
+            return
+        start = address - base
+        runs = [(start + offset * size, run * size) for offset in offsets]  # in bytes, from the file's start
+        if writing:  # fresh blocks read as zeros without the disk: only the bytes an earlier activation left
+            self._written[handle] = max(self._written.get(handle, written), runs[-1][0] + runs[-1][1])
+            runs = [(at, min(length, written - at)) for at, length in runs if at < written]
+            if not runs:
+                return
+        sampled = runs[::max(1, len(runs) // READ_AHEAD_SAMPLES)]
+        if all(_resident(base + at, length) for at, length in sampled):
+            return
+        for at, length in runs:
+            os.posix_fadvise(handle.fileno(), at, length, os.POSIX_FADV_WILLNEED)
 
     def release(self) -> None:
         """Hand every live file's resident pages back to the kernel (the data stays in the file)."""
         for mapping in list(self._maps):
             mapping.madvise(mmap.MADV_DONTNEED)
+
+
+def _resident(address: int, nbytes: int) -> bool:
+    """Whether every page of the mapped bytes [address, address + nbytes) is in RAM (mincore); True where the OS
+    cannot say."""
+    start = address - address % mmap.PAGESIZE
+    pages = -(-(address + nbytes - start) // mmap.PAGESIZE)
+    vector = (ctypes.c_ubyte * pages)()
+    if _LIBC is None or _LIBC.mincore(ctypes.c_void_p(start), ctypes.c_size_t(pages * mmap.PAGESIZE), vector):
+        return True
+    return all(page & 1 for page in vector)
+
+
+def _contiguous_runs(tensor: torch.Tensor) -> tuple[list[int], int]:
+    """A strided tensor as runs of elements contiguous in memory: (each run's offset from the first element, the
+    run's length), both in elements."""
+    dims = sorted(((n, stride) for n, stride in zip(tensor.shape, tensor.stride()) if n > 1), key=lambda d: -d[1])
+    run = 1
+    while dims and dims[-1][1] == run:
+        run *= dims.pop()[0]
+    offsets = [0]
+    for n, stride in dims:
+        offsets = [offset + i * stride for offset in offsets for i in range(n)]
+        if len(offsets) > MAX_READ_AHEAD_RUNS:
+            break
+    return offsets, run
 
 
 def _file_size(handle) -> int:
@@ -199,6 +271,11 @@ def _close_files(handles: list) -> None:
     handles.clear()
 
 
+SPILL_SUPPORTED = sys.platform.startswith("linux") and all(
+    hasattr(os, name) for name in ("posix_fallocate", "posix_fadvise")) and hasattr(mmap, "MADV_DONTNEED")
+"""Whether this OS has what a `SpillStore` uses (Linux: posix_fallocate, posix_fadvise, madvise, mincore); elsewhere
+(Windows, macOS) a run keeps its activations in RAM or takes the host's tiled VAE."""
+_LIBC = ctypes.CDLL(None, use_errno=True) if SPILL_SUPPORTED else None
 RAM_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 """Filesystems whose files live in RAM: a spill file there saves no memory."""
 
@@ -255,6 +332,7 @@ class _Settings:
         b, c, h, w = tensor.shape
         band = max(1, self.tile_elements // max(1, b * c * w))
         for start in range(0, h, band):
+            self.spill.will_need(out[:, :, start:start + band], writing=True)
             out[:, :, start:start + band].copy_(tensor[:, :, start:start + band])
             self.spill.release()
         return out
@@ -289,10 +367,13 @@ class _Settings:
         self.count()
         self.release_if_due()
 
-    def touch(self, stored: torch.Tensor) -> None:
-        """Count the bytes a tile reads from or writes to full-activation storage (file pages, in a spilled run)."""
+    def touch(self, stored: torch.Tensor, ahead: str | None = None) -> None:
+        """Count the bytes a tile reads from or writes to full-activation storage (file pages, in a spilled run);
+        `ahead` ("read" or "write"): about to be, so a spilled run asks for its pages ahead (`SpillStore.will_need`)."""
         if self.spill is not None:
             self._touched += stored.numel() * stored.element_size()
+            if ahead:
+                self.spill.will_need(stored, writing=ahead == "write")
 
     def release_if_due(self) -> None:
         """Hand a spilled run's touched file pages back to the kernel once `SPILL_RESIDENT_BYTES` were touched."""
@@ -366,20 +447,20 @@ class _Activation:
                 and not bool(bound < _FP16_SAFE) and not bool(tile.abs().max() < _FP16_SAFE)):
             self.data = self.settings.stored_copy(self.data, torch.float32)  # e.g. SDXL's VAE: beyond float16
         stored = self.data[:, :, rows, cols]
+        self.settings.touch(stored, ahead="write")
         stored.copy_(tile)  # also across devices when activations are kept in RAM
-        self.settings.touch(stored)
 
     def read(self, rows: slice, cols: slice, settings: _Settings, slot: int = 0) -> torch.Tensor:
         """A region in the compute dtype, contiguous, in scratch slot `slot`: the caller may modify it in place."""
         region = self.data[:, :, rows, cols]
-        settings.touch(region)
+        settings.touch(region, ahead="read")
         return settings.scratch(slot, region.shape).copy_(region)
 
     def region(self, rows: slice, cols: slice, settings: _Settings, slot: int = 1) -> torch.Tensor:
         """A region in the compute dtype to read only: a view of the storage when it has that dtype already, else
         a converted copy in scratch slot `slot` (a mixed-dtype add is several times slower than copy + add)."""
         region = self.data[:, :, rows, cols]
-        settings.touch(region)
+        settings.touch(region, ahead="read")
         if region.dtype == settings.dtype and region.device == settings.device:
             return region
         return settings.scratch(slot, region.shape).copy_(region)
@@ -677,8 +758,8 @@ def _attention(source: _Activation, block, settings: _Settings) -> _Activation:
         index = _flat_index(rows, cols, w, settings.device)
         for stored, projection in ((keys, block.k), (values, block.v), (queries, block.q)):
             if stored is not None:
-                stored[:, 0, index] = part = _positions(projection(normed)).to(stored.dtype)
-                settings.touch(part)
+                settings.touch(stored[:, 0].view(b, h, w, c)[:, rows, cols], ahead="write")
+                stored[:, 0, index] = _positions(projection(normed)).to(stored.dtype)
         settings.advance()
 
     def attend(tile, keys, values):
@@ -703,8 +784,11 @@ def _attention(source: _Activation, block, settings: _Settings) -> _Activation:
     if streamed:
         attended = _attend_in_key_blocks(queries, keys, values, settings)
         del queries, keys, values  # their files go with them
-        regions = ((rows, cols, _flat_index(rows, cols, w, settings.device)) for rows, cols in _tiles(h, w, side))
-        def project(tile, index):
+        grid = attended.view(b, h, w, c)  # the tile's rows of it, to ask for ahead
+        regions = ((rows, cols, _flat_index(rows, cols, w, settings.device), grid[:, rows, cols])
+                   for rows, cols in _tiles(h, w, side))
+        def project(tile, index, region):
+            settings.spill.will_need(region)
             rows = attended[:, :, index]
             settings.touch(rows)
             return projected(tile, rows)
@@ -726,6 +810,8 @@ def _probed_attention_dtype(source: _Activation, block, stats, settings: _Settin
     spread) finds the bfloat16 products within `BF16_PROBE_MAX_ERROR` of float32 attention, else float32 (logged)."""
     _, _, h, w = source.shape
     grid = source.data[:, :, ::max(1, h // BF16_PROBE_SIDE), ::max(1, w // BF16_PROBE_SIDE)]
+    if settings.spill is not None:
+        settings.spill.will_need(grid)
     normed = _norm(grid.to(settings.device, settings.dtype, memory_format=settings.memory_format, copy=True),
                    block.norm, stats)
     queries, keys, values = (_positions(projection(normed))[:, None] for projection in (block.q, block.k, block.v))
@@ -837,11 +923,15 @@ def _attend_in_key_blocks(queries: torch.Tensor, keys: torch.Tensor, values: tor
     out = settings.spill.empty((b, 1, n, c), torch.float32, channels_last=False)
     lse = torch.empty(b, 1, n, dtype=torch.float32)
     for start in range(0, n, block):
+        settings.spill.will_need(keys[:, :, start:start + block])
+        settings.spill.will_need(values[:, :, start:start + block])
         key_block = keys[:, :, start:start + block].clone()  # anonymous copies: the files' pages go back below
         value_block = values[:, :, start:start + block].clone()
         settings.spill.release()
         for i in range(0, n, chunk):
             settings.tick()
+            settings.spill.will_need(queries[:, :, i:i + chunk])
+            settings.spill.will_need(out[:, :, i:i + chunk], writing=not start)
             part, part_lse = attention_with_lse(queries[:, :, i:i + chunk].contiguous(), key_block, value_block)
             if start == 0:
                 out[:, :, i:i + chunk] = part
@@ -929,7 +1019,9 @@ def _downsample(source: _Activation, module, settings: _Settings) -> _Activation
         # conv alone: no padded copy, and the output is exactly the tile
         padded = settings.scratch(0, (b, c, 2 * (rows.stop - rows.start) + 1, 2 * (cols.stop - cols.start) + 1))
         in_h, in_w = in_rows.stop - in_rows.start, in_cols.stop - in_cols.start
-        padded[:, :, :in_h, :in_w].copy_(source.data[:, :, in_rows, in_cols])
+        region = source.data[:, :, in_rows, in_cols]
+        settings.touch(region, ahead="read")
+        padded[:, :, :in_h, :in_w].copy_(region)
         padded[:, :, in_h:].zero_()
         padded[:, :, :in_h, in_w:].zero_()
         out.write(rows, cols, module.conv(padded))
@@ -1079,6 +1171,7 @@ def _run(steps, tensor: torch.Tensor, settings: _Settings) -> torch.Tensor:
     if settings.spill is None:
         return act.data.to(torch.float32)
     result = torch.empty(act.shape, dtype=torch.float32, device=settings.device, memory_format=settings.memory_format)
+    settings.spill.will_need(act.data)
     result.copy_(act.data)  # out of the spill file: the caller gets an ordinary tensor
     settings.spill.release()
     return result

@@ -332,6 +332,14 @@ def test_spilled_activations_give_the_untiled_result_and_live_in_files(tmp_path,
     in_ram = tiled_vae.tiled_encode(vae, pixels, tile_size=24)
     assert torch.equal(got_latent, in_ram)  # the same arithmetic as the in-RAM path, bit for bit
     assert len(released) > 20
+    requests = []
+    real_fadvise = os.posix_fadvise
+    monkeypatch.setattr(tiled_vae.os, "posix_fadvise", lambda *a: requests.append(a) or real_fadvise(*a))
+    assert torch.equal(tiled_vae.tiled_encode(vae, pixels, tile_size=24, spill=store), in_ram)
+    assert requests == []  # its files stayed in RAM: no read-ahead requests
+    monkeypatch.setattr(tiled_vae, "_resident", lambda address, nbytes: False)  # as once the files went to disk
+    assert torch.equal(tiled_vae.tiled_encode(vae, pixels, tile_size=24, spill=store), in_ram)
+    assert len(requests) > 100
 
 
 def _open_files_in(folder) -> list[str]:
@@ -361,6 +369,61 @@ def test_a_spill_mapping_holds_the_pages_a_tile_touches_not_the_read_around(tmp_
     read = _spill_resident_kib(str(tmp_path))
     page_per_row = rows * 4
     assert written <= 2 * page_per_row and read <= 2 * page_per_row, (written, read)
+
+
+@pytest.mark.parametrize("view", ["tile", "rows", "column", "grid", "whole"])
+def test_contiguous_runs_cover_exactly_the_elements_of_a_view(view):
+    """The runs a read-ahead asks for are exactly the view's elements: nothing missed, nothing extra."""
+    storage = torch.zeros(2, 40, 30, 16).permute(0, 3, 1, 2)  # a channels_last (B, C, H, W) activation
+    tensor = {"tile": storage[:, :, 5:17, 3:11], "rows": storage[1:, :, 7:9], "column": storage[:, :, :, 4:5],
+              "grid": storage[:, :, ::8, ::6], "whole": storage}[view]
+    offsets, run = tiled_vae._contiguous_runs(tensor)
+    covered = sorted(offset + i for offset in offsets for i in range(run))
+    base = tensor.storage_offset()
+    expected = torch.arange(storage.numel()).as_strided(tensor.shape, tensor.stride(), base).flatten() - base
+    assert covered == sorted(expected.tolist())
+
+
+def _cached(address: int, nbytes: int) -> list[bool]:
+    """Per 4 KiB page from `address` (page-aligned): is it in the page cache (mincore)."""
+    import ctypes
+    pages = -(-nbytes // 4096)
+    vector = (ctypes.c_ubyte * pages)()
+    assert ctypes.CDLL(None, use_errno=True).mincore(ctypes.c_void_p(address), ctypes.c_size_t(nbytes), vector) == 0
+    return [bool(v & 1) for v in vector]
+
+
+def test_will_need_reads_a_spilled_tiles_rows_back_into_the_page_cache(tmp_path, monkeypatch):
+    """A spilled activation whose pages left the page cache (a file grown past free RAM): asking ahead for one tile
+    brings that tile's rows back before they are read, and not the rest of the file; a tile in RAM asks nothing."""
+    import time
+    store = tiled_vae.SpillStore(str(tmp_path))
+    act = store.empty((1, 64, 256, 256), torch.float16, channels_last=True)  # 32 KiB a row
+    act.fill_(1.0)
+    base = act.data_ptr()
+    nbytes, handle, _ = store._spans[base]
+    os.fsync(handle.fileno())
+    store.release()
+    os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if any(_cached(base, nbytes)):
+        pytest.skip("this filesystem keeps the file's pages in RAM (tmpfs?): nothing to read back")
+    tile = act[:, :, 64:96, 128:192]  # 32 rows, 8 KiB of each
+    requests = []
+    real_fadvise = os.posix_fadvise
+    monkeypatch.setattr(tiled_vae.os, "posix_fadvise", lambda *a: requests.append(a) or real_fadvise(*a))
+    store.will_need(tile)
+    assert len(requests) == 32  # a request per row
+    row = 256 * 64 * 2
+    wanted = [(64 + r) * row // 4096 + p for r in range(32) for p in range(128 * 128 // 4096, 192 * 128 // 4096)]
+    deadline = time.monotonic() + 5
+    while not all(_cached(base, nbytes)[page] for page in wanted) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    cached = _cached(base, nbytes)
+    assert all(cached[page] for page in wanted)
+    assert sum(cached) <= 2 * len(wanted)  # the tile's pages, not whole rows or the file
+    assert float(tile.float().sum()) == tile.numel()
+    store.will_need(tile)
+    assert len(requests) == 32  # now in RAM: nothing more asked
 
 
 def test_spill_files_are_reused_across_layers_and_closed_with_the_store(tmp_path, monkeypatch):
@@ -428,6 +491,8 @@ def test_a_spilled_attention_sweeps_blocks_of_keys_and_equals_untiled(tmp_path, 
     vae = random_vae(0, **SMALL)
     seen = []
     store = tiled_vae.SpillStore(str(tmp_path))
+    if encode:  # the encode asks for every block's, chunk's and tile's pages ahead, as once the files went to disk
+        monkeypatch.setattr(tiled_vae, "_resident", lambda address, nbytes: False)
     with torch.no_grad():
         if encode:
             pixels = torch.rand(1, 3, 160, 224, generator=torch.Generator().manual_seed(12)) * 2 - 1

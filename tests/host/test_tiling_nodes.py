@@ -205,20 +205,28 @@ def test_a_spilled_decode_parks_the_colour_fix_reference_in_a_spill_file(comfy_h
     assert torch.equal(out, upscale(comfy_host, model, clip, vae, image, **widgets))
 
 
+@pytest.mark.parametrize("why", ["spilling is off", "spill files need Linux, and this OS is not"])
 def test_without_spilling_a_small_budget_runs_the_hosts_tiled_vae_and_says_it_is_inexact(comfy_host, sd15_pixel,
-                                                                                          monkeypatch, caplog):
+                                                                                          monkeypatch, caplog, why,
+                                                                                          tmp_path):
+    """Spilling switched off, or an OS without what spill files use (Windows, macOS): the host's tiled VAE runs,
+    and the log says which and why."""
     import logging
 
     _, _, vae = sd15_pixel
     samples = vae.encode(picture(200, 136, seed=7))
     needs = _vae_needs(comfy_host, vae, tuple(samples.shape), False, 64)
     monkeypatch.setenv("ASTRIA_MEMORY_BUDGET_MB", _budget_mb(needs.in_ram - 1))
-    monkeypatch.setenv("ASTRIA_SPILL_DIR", "off")
+    if why == "spilling is off":
+        monkeypatch.setenv("ASTRIA_SPILL_DIR", "off")
+    else:
+        monkeypatch.setenv("ASTRIA_SPILL_DIR", str(tmp_path))
+        monkeypatch.setattr(comfy_host.pack_module.nodes.core.tiled_vae, "SPILL_SUPPORTED", False)
     with caplog.at_level(logging.INFO, logger="astria"), torch.inference_mode():
         decoded = run_node(comfy_host, "AstriaVAEDecodeTiled", samples={"samples": samples}, vae=vae, tile_size=64,
                            overlap=0)[0]
         host = vae.decode_tiled(samples, tile_x=8, tile_y=8, overlap=0)
-    assert "VAE decode: ComfyUI's tiled VAE (inexact" in caplog.text and "spilling is off" in caplog.text
+    assert "VAE decode: ComfyUI's tiled VAE (inexact" in caplog.text and why in caplog.text
     assert torch.equal(decoded, host)
 
 

@@ -4,6 +4,7 @@ import dataclasses
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -553,6 +554,29 @@ def test_float32_cpu_runs_take_bf16_attention_products_where_this_cpu_multiplies
     assert tiled_vae.attention_dtype_for("cuda", torch.float32) == torch.float32
     monkeypatch.setattr(tiled_vae, "cpu_bf16_matmul_speedup", lambda: 0.8)  # emulated bfloat16: slower
     assert tiled_vae.attention_dtype_for("cpu", torch.float32) == torch.float32
+
+
+def test_cpu_speed_probe_verdict_survives_a_stall_across_several_products(monkeypatch):
+    """A stall lasting several products (a reclaim under memory pressure, another process) while the speed probe runs
+    does not tip its verdict: the dtypes alternate, so the stall hits both and each keeps unstalled tries. Measured:
+    with each dtype's 3 tries in a row (the probe before), the stall covered all bfloat16 ones and the verdict fell
+    from 12.6x to 0.39x (float32 attention chosen)."""
+    tiled_vae.cpu_bf16_matmul_speedup.cache_clear()
+    monkeypatch.setattr(tiled_vae, "cpu_bf16_matmul_speedup", tiled_vae.cpu_bf16_matmul_speedup.__wrapped__)
+    clean = tiled_vae.cpu_bf16_matmul_speedup()
+    real, calls = torch.matmul, []
+
+    def stalled(*args, **kwargs):
+        calls.append(None)
+        if 5 <= len(calls) < 5 + tiled_vae.SPEEDUP_PROBE_TRIES - 1:  # after each dtype's warm-up, several in a row
+            time.sleep(0.05)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "matmul", stalled)
+    during_stall = tiled_vae.cpu_bf16_matmul_speedup()
+    monkeypatch.setattr(torch, "matmul", real)
+    assert len(calls) == 2 * (1 + tiled_vae.SPEEDUP_PROBE_TRIES)
+    assert during_stall > clean / 2
 
 
 @pytest.mark.parametrize("way", ["ram", "spill", "local"])

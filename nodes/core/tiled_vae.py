@@ -675,14 +675,26 @@ def _same_layer(source: _Activation, out_channels: int, settings: _Settings, com
     out = target or _Activation(b, out_channels, h, w, settings)
     if regions is None:
         regions = _tiles(h, w, _side(settings, max(c, out_channels)))
-    for rows, cols, *context in regions:
+    regions = iter(regions)
+    upcoming = next(regions, None)
+    while upcoming is not None:
+        rows, cols, *context = upcoming
+        upcoming = next(regions, None)
         settings.tick()
         grown_rows, top, bottom = _grow(rows, halo, h)
         grown_cols, left, right = _grow(cols, halo, w)
-        computed = compute(source.read(grown_rows, grown_cols, settings), *context)
+        tile_in = source.read(grown_rows, grown_cols, settings)
+        if upcoming is not None and settings.spill is not None:
+            # the next tile's pages come in while this one computes (a spilled run beyond RAM waits on the disk)
+            next_rows, next_cols = upcoming[0], upcoming[1]
+            settings.spill.will_need(source.data[:, :, _grow(next_rows, halo, h)[0], _grow(next_cols, halo, w)[0]])
+            settings.spill.will_need(out.data[:, :, next_rows, next_cols], writing=True)
+        settings.tick()  # reading a tile through the disk takes seconds at 6144 px: Cancel is asked again after it
+        computed = compute(tile_in, *context)
         tile = _crop(computed, top, bottom, left, right)
         if extra is not None:
             tile.add_(extra(rows, cols))  # compute returned a fresh tensor, so adding in place is safe
+        settings.tick()
         out.write(rows, cols, tile, computed, (top, bottom, left, right))
         settings.advance()
     return out

@@ -249,6 +249,51 @@ def test_activation_moments_merge_tile_by_tile_to_the_whole_images_group_norm():
     assert (whole * scale + shift - expected).abs().max().item() < 1e-3  # float32 rounding of x * scale
 
 
+def test_a_spilled_layer_asks_for_the_next_tiles_pages_while_this_tile_computes(tmp_path, monkeypatch):
+    """In a spilled run each tile's compute starts after the next tile's input region (with its halo) and output
+    region were asked for (`SpillStore.will_need`; writing for the output), so their pages come in from the disk
+    while this tile computes; the layer's result is unchanged."""
+    spill = tiled_vae.SpillStore(str(tmp_path))
+    settings = tiled_vae._settings(random_vae(0, **SMALL), "cpu", torch.float32, 24, torch.float32, None, None, spill)
+    source = tiled_vae._Activation(1, 8, 40, 40, settings)
+    values = torch.randn(1, 8, 40, 40, generator=torch.Generator().manual_seed(5))
+    source.data.copy_(values)
+    asked, seen_at_compute = [], []
+    real = spill.will_need
+    monkeypatch.setattr(spill, "will_need", lambda t, writing=False: asked.append((t.data_ptr(), t.shape, writing))
+                        or real(t, writing))
+
+    def compute(tile):
+        seen_at_compute.append(list(asked))
+        return tile * 2
+
+    regions = list(tiled_vae._tiles(40, 40, 16))  # 3 x 3 tiles
+    out = tiled_vae._same_layer(source, 8, settings, compute, 1, regions=regions)
+    assert len(seen_at_compute) == len(regions) == 9
+    for (rows, cols), asked_before in zip(regions[1:], seen_at_compute):
+        grown = source.data[:, :, tiled_vae._grow(rows, 1, 40)[0], tiled_vae._grow(cols, 1, 40)[0]]
+        written = out.data[:, :, rows, cols]
+        assert (grown.data_ptr(), grown.shape, False) in asked_before
+        assert (written.data_ptr(), written.shape, True) in asked_before
+    assert torch.equal(out.data, values * 2)
+
+
+def test_cancel_is_asked_again_after_a_tiles_read_before_its_compute():
+    """A Cancel that comes while a tile is read (seconds where a spilled run reads through the disk) stops the layer
+    before that tile computes: nothing is computed after the request."""
+    requested, computed = [], []
+    settings = tiled_vae._settings(random_vae(0, **SMALL), "cpu", torch.float32, 24, torch.float32,
+                                   lambda: bool(requested), None)
+    source = tiled_vae._Activation(1, 8, 40, 40, settings)
+    source.data.copy_(torch.randn(1, 8, 40, 40, generator=torch.Generator().manual_seed(6)))
+    real_read = source.read
+    source.read = lambda *args, **kwargs: requested.append(True) or real_read(*args, **kwargs)  # Cancel mid-read
+    with pytest.raises(Cancelled):
+        tiled_vae._same_layer(source, 8, settings, lambda tile: computed.append(tile) or tile * 2, 1,
+                              regions=list(tiled_vae._tiles(40, 40, 16)))
+    assert computed == []
+
+
 def test_stored_bytes_counts_the_largest_layer_twice_in_float16_plus_the_input():
     vae = random_vae(0)
     # decode: the 256-channel upsample output at full resolution is the largest layer

@@ -7,9 +7,10 @@ Decodes a seeded latent with the random-weight SD VAE (loaded through ComfyUI's 
 bench/vae_tiling.py does) the way the nodes plan it (`host_vae.plan`: RAM or spill), asks it to cancel after
 --after seconds through the same `should_cancel` hook the nodes connect to ComfyUI's Cancel, and prints: the way,
 the peak RSS and RssAnon above the loaded VAE, tiles done of the total, the seconds from the cancel request to
-the run stopping, and the longest gap between two progress updates (what a user sees of the progress bar), with
-the three longest named by the step they fell in (its index and kind in the decoder's list) and the progress unit
-they ended at, and the major page faults (reads the process waited on the disk for: a spill that outgrew RAM).
+the run stopping, the longest gap between two Cancel checks (the most a Cancel can wait at that size), the longest
+gap between two progress updates (what a user sees of the progress bar), with the three longest named by the step
+they fell in (its index and kind in the decoder's list) and the progress unit they ended at, and the major page
+faults (reads the process waited on the disk for: a spill that outgrew RAM).
 A large --after (longer than the decode) runs it to the end: the decode's time, peaks and progress gaps at that size.
 The peak RSS is the kernel's high-water mark (VmHWM, reset through /proc/self/clear_refs after the VAE is loaded);
 RssAnon is sampled every 50 ms.
@@ -58,7 +59,7 @@ def main():
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     peaks = {"rss": rss0, "anon": anon0}
-    updates, asked = [], {}
+    updates, checks, asked = [], [], {}
     stop = threading.Event()
 
     def sample():
@@ -72,6 +73,7 @@ def main():
 
     def should_cancel():
         now = time.perf_counter()
+        checks.append(now)
         if now - started >= args.after:
             asked.setdefault("at", now)
             return True
@@ -103,6 +105,13 @@ def main():
           flush=True)
     if "at" in asked:
         print(f"cancel: stopped {ended - asked['at']:.2f} s after the request", flush=True)
+    check_gaps = [b - a for a, b in zip(checks, checks[1:])]
+    if check_gaps:
+        longest = max(range(len(check_gaps)), key=check_gaps.__getitem__)
+        index, kind = max(((t, n, k) for t, n, k in steps_started if t <= checks[longest + 1]),
+                          default=(0, -1, "?"))[1:]
+        print(f"longest gap between two Cancel checks (the most a Cancel can wait): {check_gaps[longest]:.2f} s, "
+              f"in step {index} ({kind}); {len(checks)} checks", flush=True)
     if gaps:
         print(f"longest gap between progress updates: {max(gaps):.2f} s", flush=True)
         for i in sorted(range(len(gaps)), key=gaps.__getitem__)[::-1][:3]:

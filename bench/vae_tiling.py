@@ -23,9 +23,12 @@ choice (bf16 on recent cards) unless --vae-dtype says otherwise.
 `ours` runs the way the nodes plan it (`host_vae.plan`: activations in RAM while the working memory takes at most
 2 GB, else spilled to a temporary file; the row names the way); `ours-ram` and `ours-spill` (only when asked for with
 --modes) force one way; `ours-spill-keys-whole` (only when asked for) is `ours-spill` with the exact attention's keys
-and values read whole by every query chunk, as before the key-block sweep (for the side-by-side); `ours-local` (only when asked for) runs the planned way with the opt-in local attention
-(vae_attention=local: each 512 px block attends to the 1024 px around it; not exact). CPU rows also give the peak RssAnon (sampled every 20 ms): resident memory without mapped
-file pages, i.e. without the spill file's pages, which the kernel may write out and drop at any time.
+and values read whole by every query chunk, as before the key-block sweep (for the side-by-side); `ours-local` (only
+when asked for) runs the planned way with the opt-in local attention (vae_attention=local: each 512 px block attends
+to the 1024 px around it; not exact); `ours-bf16-attention` (only when asked for) forces the bfloat16 attention
+products (the encoder's default before `tiled_vae.ENCODER_BF16_ATTENTION`). CPU rows also give the peak RssAnon
+(sampled every 20 ms): resident memory without mapped file pages, i.e. without the spill file's pages, which the
+kernel may write out and drop at any time.
 
 `td`: TiledDiffusion's Tiled VAE (github.com/shiimizu/ComfyUI-TiledDiffusion, tiled_vae.py), a comparison only.
 Its licence forbids commercial use, so it is never copied into this repo or imported by the pack: the case process
@@ -61,7 +64,8 @@ import torch
 PACK_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_COMFY = os.environ.get("COMFYUI_PATH", str(Path.home() / ".cache/comfyui-astria/host-0.3.75/ComfyUI"))
 """The ComfyUI tree the benches import: COMFYUI_PATH, else the one ./scripts/test builds."""
-MODES = ["untiled", "host", "ours", "ours-ram", "ours-spill", "ours-spill-keys-whole", "ours-local", "td"]
+MODES = ["untiled", "host", "ours", "ours-ram", "ours-spill", "ours-spill-keys-whole", "ours-local",
+         "ours-bf16-attention", "td"]
 WARMUP_SIZE = 256
 TD_PACKAGE = "_td_bench"  # private name: TiledDiffusion's folder never becomes an importable top-level package
 
@@ -262,16 +266,18 @@ def make_cases(args, vae, tiled_vae, td, latent, image, ways=None):
     def ours_decode(mode):
         keys_whole(mode)
         chosen = ways[mode] = way(mode, tuple(latent.shape), False)
+        bf16 = torch.bfloat16 if mode == "ours-bf16-attention" else None
         raw = tiled_vae.tiled_decode(model, latent.to(vae.vae_dtype), tile_size=args.tile, device=vae.device,
-                                     spill=store(chosen), local_attention=mode == "ours-local")
+                                     spill=store(chosen), local_attention=mode == "ours-local", attention_dtype=bf16)
         return vae.process_output(raw).movedim(1, -1).to(vae.output_device)
 
     def ours_encode(mode):
         keys_whole(mode)
         pixels = vae.process_input(vae.vae_encode_crop_pixels(image).movedim(-1, 1))
         chosen = ways[mode] = way(mode, tuple(pixels.shape), True)
+        bf16 = torch.bfloat16 if mode == "ours-bf16-attention" else None  # as the decoder takes them on fast CPUs
         out = tiled_vae.tiled_encode(model, pixels.to(vae.vae_dtype), tile_size=args.tile, device=vae.device,
-                                     spill=store(chosen), local_attention=mode == "ours-local")
+                                     spill=store(chosen), local_attention=mode == "ours-local", attention_dtype=bf16)
         return out.to(vae.output_device)
 
     fast = args.td_fast == "on"
@@ -283,6 +289,7 @@ def make_cases(args, vae, tiled_vae, td, latent, image, ways=None):
         ("decode", "ours-spill"): lambda: ours_decode("ours-spill"),
         ("decode", "ours-spill-keys-whole"): lambda: ours_decode("ours-spill-keys-whole"),
         ("decode", "ours-local"): lambda: ours_decode("ours-local"),
+        ("decode", "ours-bf16-attention"): lambda: ours_decode("ours-bf16-attention"),
         ("decode", "td"): lambda: td_run(td, vae, "decode", args.tile, fast, latent),
         ("encode", "untiled"): lambda: vae.encode(image),
         ("encode", "host"): lambda: vae.encode_tiled(image, tile_x=args.tile, tile_y=args.tile, overlap=args.overlap),
@@ -291,6 +298,7 @@ def make_cases(args, vae, tiled_vae, td, latent, image, ways=None):
         ("encode", "ours-spill"): lambda: ours_encode("ours-spill"),
         ("encode", "ours-spill-keys-whole"): lambda: ours_encode("ours-spill-keys-whole"),
         ("encode", "ours-local"): lambda: ours_encode("ours-local"),
+        ("encode", "ours-bf16-attention"): lambda: ours_encode("ours-bf16-attention"),
         ("encode", "td"): lambda: td_run(td, vae, "encode", args.tile, fast, image),
     }
 

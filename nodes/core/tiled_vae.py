@@ -73,7 +73,15 @@ scores, softmax and sums stay float32. Measured on 2 Zen cores (bfloat16 product
 attention 0.38x the float32 flash kernel's time at 65536 keys; a spilled 2048 px decode 157.4 s against 184.2 s, max
 abs to untiled 2.6e-3 against 1.9e-3 (bench/vae_tiling.py), under the 0.01 that counts as exact. Each layer first
 probes its own scores (`BF16_PROBE_MAX_ERROR`) and runs float32 where bfloat16 would round them too coarsely.
-Elsewhere (bfloat16 emulated, slower than float32) the attention stays float32."""
+Elsewhere (bfloat16 emulated, slower than float32) the attention stays float32, and so does the encoder's
+(`ENCODER_BF16_ATTENTION`)."""
+ENCODER_BF16_ATTENTION = False
+"""Whether a float32 encode takes the bfloat16 attention products too (the decoder does, see above). It does not:
+the latent carries the products' rounding further than the decoder's pixels do. Measured on the random-weight SD VAE
+at 2048 px (bench/vae_tiling.py, 2 Zen cores, one process per case): with them the encode came out 1.07e-2 off
+untiled (1.02e-2 in an earlier run), over the 0.01 that counts as exact (the decode: 2.7e-3); without them 8.56e-3,
+for 1.12x the time (153.6 s against 136.9 s; untiled 269.8 s). The rest is the float16 storage of the large
+activations."""
 SPEEDUP_PROBE_TRIES = 5
 """`cpu_bf16_matmul_speedup` times this many 512 x 512 x 2048 products of each dtype, alternating, and compares the
 fastest of each: one stall (a reclaim under memory pressure, another process) cannot tip the verdict."""
@@ -1208,7 +1216,7 @@ def attention_dtype_for(device, dtype: torch.dtype) -> torch.dtype:
 
 
 def _settings(model, device, dtype, tile_size, storage_dtype, should_cancel, progress, spill=None,
-              local_attention=False, attention_dtype=None) -> _Settings:
+              local_attention=False, attention_dtype=None, bf16_attention=True) -> _Settings:
     weight = next(model.parameters())
     device = torch.device(device) if device is not None else weight.device
     dtype = dtype or weight.dtype
@@ -1218,7 +1226,7 @@ def _settings(model, device, dtype, tile_size, storage_dtype, should_cancel, pro
     channels_last = device.type == "cpu"
     if spill is not None and device.type != "cpu":
         raise ValueError("a SpillStore keeps activations in RAM-mapped files: use it with the CPU as the device")
-    attention_dtype = attention_dtype or attention_dtype_for(device, dtype)
+    attention_dtype = attention_dtype or (attention_dtype_for(device, dtype) if bf16_attention else dtype)
     return _Settings(device, dtype, _tile_elements(tile_size), storage_dtype, should_cancel, progress,
                      channels_last, spill, local_attention, attention_dtype)
 
@@ -1335,8 +1343,9 @@ def tiled_encode(first_stage_model, pixels: torch.Tensor, tile_size: int | None 
                  attention_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Encode pixels (B, 3, H, W), already in the model's input range (the host VAE's `process_input`), like
     `first_stage_model.encode` (the Gaussian's mode), exactly, in tiles; returns float32 (B, C, H/8, W/8).
-    The keyword arguments are those of `tiled_decode`."""
+    The keyword arguments are those of `tiled_decode`, but `attention_dtype` defaults to the run's dtype
+    (`ENCODER_BF16_ATTENTION`)."""
     settings = _settings(first_stage_model, device, dtype, tile_size, storage_dtype, should_cancel, progress, spill,
-                         local_attention, attention_dtype)
+                         local_attention, attention_dtype, bf16_attention=ENCODER_BF16_ATTENTION)
     moments = _run(_encoder_steps(first_stage_model), pixels, settings)
     return moments[:, :moments.shape[1] // 2]

@@ -171,7 +171,9 @@ def test_unknown_shapes_raise_unsupported():
 def test_channels_first_layout_equals_untiled(monkeypatch):
     """The layout used off CPU for contiguous inputs (CPU runs channels_last) gives the same result."""
     original = tiled_vae._settings
-    monkeypatch.setattr(tiled_vae, "_settings", lambda *args: dataclasses.replace(original(*args), channels_last=False))
+    def channels_first(*args, **kwargs):
+        return dataclasses.replace(original(*args, **kwargs), channels_last=False)
+    monkeypatch.setattr(tiled_vae, "_settings", channels_first)
     vae = random_vae(0, **SMALL)
     latent = torch.randn(1, 4, 21, 30, generator=torch.Generator().manual_seed(6))
     pixels = torch.rand(1, 3, 72, 50, generator=torch.Generator().manual_seed(7)) * 2 - 1

@@ -394,3 +394,34 @@ def test_the_log_says_when_the_vae_attention_takes_bfloat16_products_and_the_res
         untiled = vae.decode(samples)
     assert (images[1.0] - untiled).abs().max().item() < 1e-4
     assert 0 < (images[4.0] - untiled).abs().max().item() < 1e-2
+
+
+def test_the_exact_encode_keeps_float32_attention_where_the_decode_takes_bfloat16_products(
+        comfy_host, sd15, monkeypatch, caplog):
+    """The encoder's latent carries the bfloat16 products' rounding further (1.02e-2 off untiled at 2048 px), so on a
+    CPU that multiplies bfloat16 fast the encode still runs float32 attention: no bfloat16 kernel call, no such log
+    line, the same latent bit for bit as where bfloat16 is slow."""
+    import logging
+
+    tiled_vae = comfy_host.pack_module.nodes.core.tiled_vae
+    _, _, vae = sd15
+    if vae.vae_dtype != torch.float32:
+        pytest.skip("the bfloat16 products are for float32 VAEs on the CPU")
+    image = torch.rand(1, 192, 256, 3, generator=torch.Generator().manual_seed(7))
+    calls, real = [], tiled_vae.bf16_attention_with_lse
+    monkeypatch.setattr(tiled_vae, "bf16_attention_with_lse", lambda q, k, v: calls.append(k.dtype) or real(q, k, v))
+    latents = {}
+    for speedup in (4.0, 1.0):
+        monkeypatch.setattr(tiled_vae, "cpu_bf16_matmul_speedup", lambda: speedup)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="astria"), torch.inference_mode():
+            latents[speedup] = run_node(comfy_host, "AstriaVAEEncodeTiled", pixels=image, vae=vae, tile_size=64,
+                                        overlap=0)[0]["samples"]
+        assert "VAE encode: exact" in caplog.text and "attention products in bfloat16" not in caplog.text
+    assert not calls
+    assert torch.equal(latents[4.0], latents[1.0])
+    monkeypatch.setattr(tiled_vae, "cpu_bf16_matmul_speedup", lambda: 4.0)
+    with torch.inference_mode():  # the decode on the same fast CPU does take them
+        run_node(comfy_host, "AstriaVAEDecodeTiled", samples={"samples": latents[4.0]}, vae=vae, tile_size=64,
+                 overlap=0)
+    assert calls and set(calls) == {torch.bfloat16}

@@ -31,9 +31,9 @@ VAE_ATTENTION_CHOICES = ["exact", "local"]
 """The VAE attention widget: the exact global attention (default) or the opt-in local one (tiled_vae.py)."""
 VAE_ATTENTION_TOOLTIP = ("exact: the VAE's attention sees the whole image (the untiled result). local: each 512 px "
                          "block sees only the 1024 px around it: not exact, but on a CPU faster above 2048 px "
-                         "(that attention grows with the area squared: on 2 cores ~17 s per pass at 2048 px with "
-                         "bfloat16 products, ~46 s without, 1-3 hours at 8192 px). No effect where ComfyUI's tiled "
-                         "VAE runs (already per tile).")
+                         "(that attention grows with the area squared: on 2 cores ~17 s per decode at 2048 px with "
+                         "bfloat16 products, ~46 s per encode, which keeps float32, 1-3 hours at 8192 px). No effect "
+                         "where ComfyUI's tiled VAE runs (already per tile).")
 LOCAL_ATTENTION_NOTE = "attention local to 1024 px windows (vae_attention=local: not exact)"
 HOST_TILED_RAM_PER_PIXEL = 3 * 4 * 3
 """The host's tiled VAE beside its tiles: its float32 output and blend-weight buffers and one converted copy."""

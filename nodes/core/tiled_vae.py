@@ -92,9 +92,10 @@ BF16_PROBE_MAX_ERROR = 5e-2
 """The probe's largest difference (over the values' rms) up to which the layer keeps bfloat16 products; above it the
 layer runs in float32. bfloat16's 8 bits round a score s by up to |s| / 512, so large scores (a peaked softmax, large
 queries and keys) make the products inexact. Measured: the random-weight SD VAE's layers probe at 1.8e-2 (decode)
-and 6.3e-3 (encode), their whole passes 2.6e-3 and 9.0e-3 off untiled; random scores of std 1 probe at ~1e-3, of
-std 4 at 3-9e-2, of std 16 at 0.2-0.5. A trained VAE's scores were not measured here (no weights on this machine):
-this bound is a guard against gross rounding, not a measurement of its output."""
+and 6.3e-3 (encode), their whole passes 2.6e-3 and 9.0e-3-1.07e-2 off untiled (so the encoder no longer takes
+them: `ENCODER_BF16_ATTENTION`; a low probe does not promise a small output error); random scores of std 1 probe at
+~1e-3, of std 4 at 3-9e-2, of std 16 at 0.2-0.5. A trained VAE's scores were not measured here (no weights on this
+machine): this bound is a guard against gross rounding, not a measurement of its output."""
 BF16_SCORE_ELEMENTS = 2**23
 """Queries x keys per product in the bfloat16 attention: 32 MiB of float32 scores, which the softmax passes over in
 the CPU's cache (2**22 and 2**24 measured 5-15% slower at 65536 keys)."""

@@ -106,9 +106,7 @@ def plan(vae, shape, encode, tile_size, local_attention=False):
     if chosen.way == "host":
         return chosen
     reason = chosen.reason
-    bf16_attention = not encode or tiled_vae.ENCODER_BF16_ATTENTION
-    if (chosen.way != "gpu" and bf16_attention
-            and tiled_vae.attention_dtype_for(vae.device, vae.vae_dtype) != vae.vae_dtype):
+    if chosen.way != "gpu" and tiled_vae.attention_dtype_for(vae.device, vae.vae_dtype, encode) != vae.vae_dtype:
         reason += (f"; attention products in bfloat16 ({tiled_vae.cpu_bf16_matmul_speedup():.1f}x float32's speed "
                    f"on this CPU; ~3e-3 more rounding; a layer whose probe finds it coarser runs float32)")
     return VAEPlan(chosen.way, chosen.exact and not local_attention, chosen.ram, reason)

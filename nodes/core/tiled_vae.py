@@ -1207,9 +1207,12 @@ def _tile_elements(tile_size: int | None) -> int:
     return DEFAULT_TILE_ELEMENTS if tile_size is None else 128 * tile_size * tile_size
 
 
-def attention_dtype_for(device, dtype: torch.dtype) -> torch.dtype:
+def attention_dtype_for(device, dtype: torch.dtype, encode: bool = False) -> torch.dtype:
     """The dtype of the attention's keys, values and products for a run on `device` in `dtype`: bfloat16 for a
-    float32 run on a CPU that multiplies bfloat16 `BF16_ATTENTION_MIN_SPEEDUP` times faster, else `dtype`."""
+    float32 run on a CPU that multiplies bfloat16 `BF16_ATTENTION_MIN_SPEEDUP` times faster (an encode only with
+    `ENCODER_BF16_ATTENTION`), else `dtype`."""
+    if encode and not ENCODER_BF16_ATTENTION:
+        return dtype
     if (torch.device(device).type == "cpu" and dtype == torch.float32
             and cpu_bf16_matmul_speedup() >= BF16_ATTENTION_MIN_SPEEDUP):
         return torch.bfloat16
@@ -1217,7 +1220,7 @@ def attention_dtype_for(device, dtype: torch.dtype) -> torch.dtype:
 
 
 def _settings(model, device, dtype, tile_size, storage_dtype, should_cancel, progress, spill=None,
-              local_attention=False, attention_dtype=None, bf16_attention=True) -> _Settings:
+              local_attention=False, attention_dtype=None, encode=False) -> _Settings:
     weight = next(model.parameters())
     device = torch.device(device) if device is not None else weight.device
     dtype = dtype or weight.dtype
@@ -1227,7 +1230,7 @@ def _settings(model, device, dtype, tile_size, storage_dtype, should_cancel, pro
     channels_last = device.type == "cpu"
     if spill is not None and device.type != "cpu":
         raise ValueError("a SpillStore keeps activations in RAM-mapped files: use it with the CPU as the device")
-    attention_dtype = attention_dtype or (attention_dtype_for(device, dtype) if bf16_attention else dtype)
+    attention_dtype = attention_dtype or attention_dtype_for(device, dtype, encode)
     return _Settings(device, dtype, _tile_elements(tile_size), storage_dtype, should_cancel, progress,
                      channels_last, spill, local_attention, attention_dtype)
 
@@ -1344,9 +1347,9 @@ def tiled_encode(first_stage_model, pixels: torch.Tensor, tile_size: int | None 
                  attention_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Encode pixels (B, 3, H, W), already in the model's input range (the host VAE's `process_input`), like
     `first_stage_model.encode` (the Gaussian's mode), exactly, in tiles; returns float32 (B, C, H/8, W/8).
-    The keyword arguments are those of `tiled_decode`, but `attention_dtype` defaults to the run's dtype
-    (`ENCODER_BF16_ATTENTION`)."""
+    The keyword arguments are those of `tiled_decode`, but `attention_dtype` defaults to the encoder's
+    (`attention_dtype_for` with `encode`: the run's dtype, `ENCODER_BF16_ATTENTION`)."""
     settings = _settings(first_stage_model, device, dtype, tile_size, storage_dtype, should_cancel, progress, spill,
-                         local_attention, attention_dtype, bf16_attention=ENCODER_BF16_ATTENTION)
+                         local_attention, attention_dtype, encode=True)
     moments = _run(_encoder_steps(first_stage_model), pixels, settings)
     return moments[:, :moments.shape[1] // 2]
